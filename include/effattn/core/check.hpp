@@ -1,0 +1,112 @@
+// Argument checks shared by every backend, so that each operator validates the same way and
+// every message names the argument and the values seen.
+#pragma once
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+
+#include "effattn/core/error.hpp"
+#include "effattn/core/methods.hpp"
+#include "effattn/core/tensor.hpp"
+
+namespace effattn {
+namespace detail {
+
+/// The sizes of one attention call: q [B,H,Nq,D], k [B,Hk,Nk,D], v [B,Hk,Nk,Dv], out [B,H,Nq,Dv].
+struct Dims {
+  int64_t B, H, Hk, Nq, Nk, D, Dv;
+  int64_t group() const { return H / Hk; }  // query heads per key/value head
+};
+
+inline const char* kDimNames[4] = {"batch", "heads", "seq", "dim"};
+
+template <class T>
+std::string shape_str(const Tensor<T>& t) {
+  return concat("[", t.shape[0], ", ", t.shape[1], ", ", t.shape[2], ", ", t.shape[3], "]");
+}
+
+/// Byte range [lo, hi) that a view can touch; empty for empty views.
+template <class T>
+std::array<uintptr_t, 2> byte_range(const Tensor<T>& t) {
+  int64_t lo = 0, hi = 0;
+  for (int i = 0; i < 4; ++i) {
+    const int64_t reach = (t.shape[i] - 1) * t.stride[i];
+    (reach < 0 ? lo : hi) += reach;
+  }
+  const auto base = reinterpret_cast<uintptr_t>(t.data);
+  return {base + lo * sizeof(T), base + (hi + 1) * sizeof(T)};
+}
+
+template <class A, class B>
+bool overlaps(const Tensor<A>& a, const Tensor<B>& b) {
+  const auto ra = byte_range(a), rb = byte_range(b);
+  return ra[0] < rb[1] && rb[0] < ra[1];
+}
+
+template <class T>
+void check_view(const char* where, const char* name, const Tensor<T>& t) {
+  for (int i = 0; i < 4; ++i)
+    require(t.shape[i] > 0, where, ": ", name, ".shape[", i, "] (", kDimNames[i], ") = ", t.shape[i],
+            " must be positive; ", name, " shape is ", shape_str(t));
+  require(t.data != nullptr, where, ": ", name, ".data is null (shape ", shape_str(t), ")");
+}
+
+/// No two elements of `out` may share an address: writes would race and results depend on order.
+template <class T>
+void check_writable(const char* where, const Tensor<T>& out) {
+  std::array<int, 4> order{0, 1, 2, 3};
+  std::sort(order.begin(), order.end(), [&](int a, int b) {
+    return std::abs(out.stride[a]) < std::abs(out.stride[b]);
+  });
+  int64_t span = 1;  // elements covered by the dims so far
+  for (int i : order) {
+    if (out.shape[i] == 1) continue;
+    require(std::abs(out.stride[i]) >= span, where, ": out.stride = [", out.stride[0], ", ", out.stride[1],
+            ", ", out.stride[2], ", ", out.stride[3], "] makes elements of out (shape ", shape_str(out),
+            ") alias each other");
+    span = std::abs(out.stride[i]) * out.shape[i];
+  }
+}
+
+/// Checks q, k, v, out and masks against each other and returns the sizes.
+template <class T>
+Dims check_attention(const char* where, const Tensor<const T>& q, const Tensor<const T>& k,
+                     const Tensor<const T>& v, const Tensor<T>& out, const Masks& masks) {
+  check_view(where, "q", q);
+  check_view(where, "k", k);
+  check_view(where, "v", v);
+  check_view(where, "out", out);
+  const Dims d{q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]};
+  require(k.shape[0] == d.B && v.shape[0] == d.B && out.shape[0] == d.B, where,
+          ": batch sizes disagree: q ", d.B, ", k ", k.shape[0], ", v ", v.shape[0], ", out ", out.shape[0]);
+  require(v.shape[1] == d.Hk, where, ": k has ", d.Hk, " heads but v has ", v.shape[1]);
+  require(d.H % d.Hk == 0, where, ": q heads (", d.H, ") must be a multiple of k/v heads (", d.Hk, ")");
+  require(out.shape[1] == d.H, where, ": out has ", out.shape[1], " heads but q has ", d.H);
+  require(v.shape[2] == d.Nk, where, ": k has ", d.Nk, " keys (seq) but v has ", v.shape[2]);
+  require(out.shape[2] == d.Nq, where, ": out has ", out.shape[2], " rows (seq) but q has ", d.Nq);
+  require(k.shape[3] == d.D, where, ": head dims disagree: q.shape[3] = ", d.D, ", k.shape[3] = ", k.shape[3]);
+  require(out.shape[3] == d.Dv, where, ": out.shape[3] = ", out.shape[3], " but v.shape[3] = ", d.Dv);
+  check_writable(where, out);
+  const char* names[3] = {"q", "k", "v"};
+  const Tensor<const T>* ins[3] = {&q, &k, &v};
+  for (int i = 0; i < 3; ++i)
+    require(!overlaps(*ins[i], out), where, ": out overlaps input ", names[i],
+            " in memory; attention cannot run in place");
+  // A batch stride of 0 shares one mask row across the batch.
+  const auto stride_ok = [&](int64_t stride, int64_t n) { return d.B == 1 || stride == 0 || stride >= n; };
+  require(masks.query_valid == nullptr || stride_ok(masks.query_batch_stride, d.Nq), where,
+          ": masks.query_batch_stride = ", masks.query_batch_stride, " must be 0 or at least Nq = ", d.Nq);
+  require(masks.key_valid == nullptr || stride_ok(masks.key_batch_stride, d.Nk), where,
+          ": masks.key_batch_stride = ", masks.key_batch_stride, " must be 0 or at least Nk = ", d.Nk);
+  return d;
+}
+
+/// The softmax scale s: 0 selects 1/sqrt(D); anything else must be finite.
+inline double resolve_scale(const char* where, float scale, int64_t D) {
+  require(std::isfinite(scale), where, ": scale = ", scale, " must be finite (0 selects 1/sqrt(D))");
+  return scale == 0.0f ? 1.0 / std::sqrt(static_cast<double>(D)) : static_cast<double>(scale);
+}
+
+}  // namespace detail
+}  // namespace effattn

@@ -1,0 +1,2 @@
+// FAVOR+ attention on the CPU (issue 4): not implemented yet.
+#pragma once

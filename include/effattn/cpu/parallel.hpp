@@ -1,0 +1,68 @@
+// Threads for the CPU backend: a parallel loop over independent work items, each thread with
+// its own slice of the workspace.
+#pragma once
+#include <cstdint>
+#include <exception>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "effattn/core/exec.hpp"
+#include "effattn/core/workspace.hpp"
+
+namespace effattn {
+namespace cpu {
+
+/// Threads a call will use: exec.threads, or OpenMP's default when 0.
+inline int thread_count(const Exec<Cpu>& exec) {
+  detail::require(exec.threads >= 0, "effattn: exec.threads = ", exec.threads, " must be >= 0 (0 = default)");
+#ifdef _OPENMP
+  return exec.threads > 0 ? exec.threads : omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+/// Runs body(item, scratch) for item in [0, items) on `threads` threads; each thread's scratch
+/// is its own `per_thread` bytes cut from `arena`. The first exception thrown is rethrown.
+template <class Body>
+void parallel_for(int threads, int64_t items, detail::Arena& arena, size_t per_thread, Body body) {
+  if (items <= 0) return;
+  const int n = static_cast<int>(std::min<int64_t>(threads, items));
+  unsigned char* base = arena.take<unsigned char>(per_thread * n);
+  std::exception_ptr error;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(n)
+#endif
+  {
+#ifdef _OPENMP
+    const int t = omp_get_thread_num();
+#else
+    const int t = 0;
+#endif
+    detail::Arena mine(base + per_thread * t, per_thread);
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t i = 0; i < items; ++i) {
+      try {
+        body(i, mine);
+      } catch (...) {
+#ifdef _OPENMP
+#pragma omp critical(effattn_error)
+#endif
+        if (!error) error = std::current_exception();
+      }
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+/// Workspace for parallel_for with `threads` threads over `items` items.
+inline size_t parallel_bytes(int threads, int64_t items, size_t per_thread) {
+  return per_thread * static_cast<size_t>(std::max<int64_t>(1, std::min<int64_t>(threads, items)));
+}
+
+}  // namespace cpu
+}  // namespace effattn

@@ -1,0 +1,2 @@
+// Proxy-token attention on the CPU (issue 3): not implemented yet.
+#pragma once

@@ -1,0 +1,2 @@
+// favor_projection (issue 4): not implemented yet.
+#pragma once

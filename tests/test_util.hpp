@@ -1,0 +1,133 @@
+// Helpers shared by the test suites: owned host tensors in several layouts, fresh random data,
+// poisoned outputs, masks and the relative-error comparison of DESIGN.md.
+#pragma once
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "effattn/core.hpp"
+#include "reference/common.hpp"
+
+namespace testing_util {
+
+using effattn::Tensor;
+
+/// Seed for this process: EFFATTN_TEST_SEED if set (to reproduce a failure), else fresh.
+inline uint64_t base_seed() {
+  static const uint64_t seed = [] {
+    if (const char* s = std::getenv("EFFATTN_TEST_SEED")) return static_cast<uint64_t>(std::strtoull(s, nullptr, 10));
+    return (static_cast<uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}();
+  }();
+  return seed;
+}
+
+/// A generator per test, derived from the base seed; failures print the seed to rerun with.
+inline std::mt19937_64& rng() {
+  static std::mt19937_64 gen(base_seed());
+  return gen;
+}
+
+enum class Layout { bhsd, bshd, padded };  // padded: bhsd with gaps between rows and heads
+
+inline const char* layout_name(Layout l) {
+  return l == Layout::bhsd ? "bhsd" : l == Layout::bshd ? "bshd" : "padded";
+}
+
+/// Owns storage for a logical [B, H, S, D] tensor in the given layout.
+template <class T>
+struct HostTensor {
+  std::vector<T> storage;
+  Tensor<T> view;
+  HostTensor(int64_t b, int64_t h, int64_t s, int64_t d, Layout layout = Layout::bhsd) {
+    if (layout == Layout::bshd) {
+      storage.resize(static_cast<size_t>(b * s * h * d));
+      view = effattn::bshd(storage.data(), b, s, h, d);
+    } else if (layout == Layout::padded) {
+      const int64_t row = d + 3, head = s * row + 5, batch = h * head + 7;
+      storage.resize(static_cast<size_t>(b * batch));
+      view = Tensor<T>(storage.data(), {b, h, s, d}, {batch, head, row, 1});
+    } else {
+      storage.resize(static_cast<size_t>(b * h * s * d));
+      view = effattn::bhsd(storage.data(), b, h, s, d);
+    }
+  }
+  Tensor<const T> cview() const { return view; }
+  void fill_normal(double stddev = 1.0) {
+    std::normal_distribution<double> n(0.0, stddev);
+    for (auto& x : storage) x = static_cast<T>(n(rng()));
+  }
+  void poison() { std::fill(storage.begin(), storage.end(), std::numeric_limits<T>::quiet_NaN()); }
+};
+
+/// Random validity mask [B, N]; row `fully_masked_row` (if >= 0) has no valid entry.
+inline std::vector<uint8_t> random_mask(int64_t B, int64_t N, double p_valid, int64_t fully_masked_row = -1) {
+  std::bernoulli_distribution keep(p_valid);
+  std::vector<uint8_t> m(static_cast<size_t>(B * N));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < N; ++i) m[b * N + i] = (b != fully_masked_row && keep(rng())) ? 1 : 0;
+  return m;
+}
+
+/// max |out - ref| / max |ref| over all elements; fails the test on any non-finite output
+/// (a poisoned element that was never written stays NaN).
+template <class T>
+double relative_error(const Tensor<T>& out, const ref::Result& r) {
+  double max_diff = 0, max_ref = 0;
+  int64_t bad = 0;
+  for (int64_t b = 0; b < r.B; ++b)
+    for (int64_t h = 0; h < r.H; ++h)
+      for (int64_t i = 0; i < r.N; ++i)
+        for (int64_t c = 0; c < r.Dv; ++c) {
+          const double o = ref::at(out, b, h, i, c), e = r(b, h, i, c);
+          if (!std::isfinite(o)) {
+            if (bad++ < 3) ADD_FAILURE() << "out(" << b << "," << h << "," << i << "," << c << ") = " << o;
+            continue;
+          }
+          max_diff = std::max(max_diff, std::abs(o - e));
+          max_ref = std::max(max_ref, std::abs(e));
+        }
+  EXPECT_EQ(bad, 0) << "non-finite or unwritten output elements";
+  return max_ref > 0 ? max_diff / max_ref : max_diff;
+}
+
+/// Storage outside the view must be untouched: fills it with a sentinel before the call
+/// (call mark_outside), and checks it after (call outside_untouched).
+template <class T>
+std::vector<uint8_t> covered(const HostTensor<T>& t) {
+  std::vector<uint8_t> in(t.storage.size(), 0);
+  const auto& v = t.view;
+  for (int64_t b = 0; b < v.shape[0]; ++b)
+    for (int64_t h = 0; h < v.shape[1]; ++h)
+      for (int64_t s = 0; s < v.shape[2]; ++s)
+        for (int64_t d = 0; d < v.shape[3]; ++d) in[static_cast<size_t>(v.offset(b, h, s, d))] = 1;
+  return in;
+}
+template <class T>
+void mark_outside(HostTensor<T>& t, T sentinel) {
+  const auto in = covered(t);
+  for (size_t i = 0; i < in.size(); ++i)
+    if (!in[i]) t.storage[i] = sentinel;
+}
+template <class T>
+bool outside_untouched(const HostTensor<T>& t, T sentinel) {
+  const auto in = covered(t);
+  for (size_t i = 0; i < in.size(); ++i)
+    if (!in[i] && !(t.storage[i] == sentinel)) return false;
+  return true;
+}
+
+/// The tolerance DESIGN.md sets for the CPU backend.
+template <class T>
+constexpr double cpu_tolerance() {
+  return std::is_same_v<T, double> ? 1e-12 : 1e-5;
+}
+
+}  // namespace testing_util
+
+#define EFFATTN_TRACE_SEED() SCOPED_TRACE("EFFATTN_TEST_SEED=" + std::to_string(testing_util::base_seed()))
