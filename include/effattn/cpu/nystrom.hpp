@@ -1,2 +1,54 @@
-// Nyström attention on the CPU (issue 3): not implemented yet.
+// Nyström attention on the CPU (Nyströmformer): segment-mean landmarks through the shared
+// landmark core, or exact softmax attention when min(Nq, Nk) <= landmarks.
 #pragma once
+#include "effattn/core.hpp"
+#include "effattn/cpu/landmark.hpp"
+#include "effattn/cpu/softmax.hpp"
+
+namespace effattn {
+
+template <>
+struct Operator<Cpu, Nystrom> {
+  // Nystrom has no causal field: causal Nyström is not expressible (DESIGN.md forbids it).
+  static void check(const char* where, const Nystrom& m) {
+    detail::require(m.landmarks >= 1, where, ": landmarks = ", m.landmarks, " must be >= 1");
+    detail::require(m.pinv_iterations >= 0, where, ": pinv_iterations = ", m.pinv_iterations, " must be >= 0");
+  }
+  /// DESIGN.md: with no more tokens than landmarks on either side, the result is exact softmax.
+  static bool exact(const Nystrom& m, int64_t nq, int64_t nk) { return std::min(nq, nk) <= m.landmarks; }
+
+  template <class T>
+  static cpu::LandmarkSpec<T> spec(const Nystrom& m, T scale) {
+    cpu::LandmarkSpec<T> s;
+    s.M = m.landmarks;
+    s.iterations = m.pinv_iterations;  // 0: Z = Z0, the iteration run zero times
+    s.scale = scale;
+    return s;
+  }
+
+  template <class T>
+  static size_t workspace_bytes(const Nystrom& m, Tensor<const T> q, Tensor<const T> k, Tensor<const T> v,
+                                const Exec<Cpu>& exec) {
+    cpu::require_cpu_type<T>();
+    check("effattn::workspace_bytes<Cpu>(Nystrom)", m);
+    if (exact(m, q.shape[2], k.shape[2]))
+      return Operator<Cpu, Softmax>::workspace_bytes<T>(Softmax{m.scale, false}, q, k, v, exec);
+    const detail::Dims d{q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]};
+    return cpu::landmark_workspace_bytes(spec<T>(m, T(1)), d, cpu::thread_count(exec));
+  }
+
+  template <class T>
+  static void run(const Nystrom& m, Tensor<const T> q, Tensor<const T> k, Tensor<const T> v, Tensor<T> out,
+                  const Masks& masks, const Exec<Cpu>& exec) {
+    cpu::require_cpu_type<T>();
+    constexpr const char* where = "effattn::attention<Cpu>(Nystrom)";
+    check(where, m);
+    const detail::Dims d = detail::check_attention(where, q, k, v, out, masks);
+    const T scale = static_cast<T>(detail::resolve_scale(where, m.scale, d.D));
+    if (exact(m, d.Nq, d.Nk))
+      return Operator<Cpu, Softmax>::run<T>(Softmax{m.scale, false}, q, k, v, out, masks, exec);
+    cpu::landmark_attention(spec<T>(m, scale), d, q, k, v, out, masks, exec);
+  }
+};
+
+}  // namespace effattn
