@@ -1,0 +1,234 @@
+// CPU benches: every effattn CPU operator in float and double, the materialized "standard
+// self-attention" baseline on Eigen (the papers' reference column), and an Eigen SGEMM as the
+// FLOP-rate ceiling of the per-issue targets. Run with --help for the sweep flags.
+//
+// Memory per sequence = bytes of q, k, v, out of one sequence + the method's parameters (proxy
+// tokens, random features) + the high-water mark of effattn's own allocations
+// (effattn::allocation_stats) during a call on that one sequence without a caller workspace.
+// The standard baseline allocates its H·N² score matrix through the same counter.
+#include <Eigen/Core>
+#include <cstdlib>
+#include <effattn/effattn.hpp>
+#include <memory>
+
+#include "harness.hpp"
+
+namespace {
+
+using effattn::Tensor;
+
+/// A method bound to its parameters: run it on (q, k, v, out) with a caller workspace (or
+/// none: it allocates its own), and ask how much workspace it needs.
+template <class T>
+struct Runner {
+  std::function<void(Tensor<const T>, Tensor<const T>, Tensor<const T>, Tensor<T>, void*, size_t)> run;
+  std::function<size_t(Tensor<const T>, Tensor<const T>, Tensor<const T>)> workspace;
+  size_t parameter_bytes = 0;  // proxy tokens or random features, counted with the inputs
+  std::shared_ptr<void> storage;
+};
+
+/// Any effattn method through the public API.
+template <class T, class Method>
+Runner<T> library(Method m, std::shared_ptr<void> storage = nullptr, size_t parameter_bytes = 0) {
+  Runner<T> r;
+  r.run = [m](Tensor<const T> q, Tensor<const T> k, Tensor<const T> v, Tensor<T> out, void* ws, size_t ws_size) {
+    effattn::Exec<effattn::Cpu> exec;
+    exec.workspace = ws;
+    exec.workspace_size = ws_size;
+    effattn::attention<effattn::Cpu>(m, q, k, v, out, {}, exec);
+  };
+  r.workspace = [m](Tensor<const T> q, Tensor<const T> k, Tensor<const T> v) {
+    return effattn::workspace_bytes<effattn::Cpu>(m, q, k, v);
+  };
+  r.storage = std::move(storage);
+  r.parameter_bytes = parameter_bytes;
+  return r;
+}
+
+// ---- The reference column: standard self-attention that materializes softmax(s Q Kᵀ) ----
+
+template <class T>
+using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class T>
+using Map = Eigen::Map<RowMatrix<T>>;
+template <class T>
+using ConstMap = Eigen::Map<const RowMatrix<T>>;
+
+/// Bytes of the score matrices of one sequence, [H, Nq, Nk]: what standard attention holds.
+template <class T>
+size_t standard_scores_bytes(Tensor<const T> q, Tensor<const T> k) {
+  return effattn::detail::bytes_of<T>(static_cast<size_t>(q.shape[1] * q.shape[2] * k.shape[2]));
+}
+
+/// out = softmax(s Q Kᵀ) V per sequence, as the papers' baseline (and torch without a fused
+/// kernel) computes it: all heads' N×N scores in memory, Eigen GEMMs (threaded by OpenMP).
+/// Contiguous [B, H, N, D] views only; bench code, not library code.
+template <class T>
+void standard_attention(Tensor<const T> q, Tensor<const T> k, Tensor<const T> v, Tensor<T> out, void* ws,
+                        size_t ws_size) {
+  const int64_t B = q.shape[0], H = q.shape[1], Nq = q.shape[2], Nk = k.shape[2], D = q.shape[3], Dv = v.shape[3];
+  const T scale = T(1) / std::sqrt(T(D));
+  effattn::detail::HostWorkspace workspace(ws, ws_size, standard_scores_bytes(q, k));
+  T* scores = workspace.arena().template take<T>(static_cast<size_t>(H * Nq * Nk));
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      Map<T> s(scores + h * Nq * Nk, Nq, Nk);
+      s.noalias() = scale * ConstMap<T>(&q(b, h, 0, 0), Nq, D) * ConstMap<T>(&k(b, h, 0, 0), Nk, D).transpose();
+    }
+    Map<T> all(scores, H * Nq, Nk);
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < H * Nq; ++r) {
+      auto row = all.row(r).array();
+      row = (row - row.maxCoeff()).exp();
+      row /= row.sum();
+    }
+    for (int64_t h = 0; h < H; ++h)
+      Map<T>(&out(b, h, 0, 0), Nq, Dv).noalias() =
+          Map<T>(scores + h * Nq * Nk, Nq, Nk) * ConstMap<T>(&v(b, h, 0, 0), Nk, Dv);
+  }
+}
+
+template <class T>
+Runner<T> standard() {
+  Runner<T> r;
+  r.run = standard_attention<T>;
+  r.workspace = [](Tensor<const T> q, Tensor<const T> k, Tensor<const T>) { return standard_scores_bytes(q, k); };
+  return r;
+}
+
+/// Random tokens stored next to the runner, viewed as [1, H, M, D].
+template <class T>
+std::shared_ptr<std::vector<T>> random_tokens(int64_t count, uint64_t seed) {
+  auto v = std::make_shared<std::vector<T>>(count);
+  bench::fill_uniform(v->size(), seed, [&](size_t i, float x) { (*v)[i] = static_cast<T>(x); });
+  return v;
+}
+
+// ---- One policy per (operator, CPU, T): the operators this build has ----
+
+template <class T>
+Runner<T> make_runner(const bench::MethodSpec& m, int64_t H, int64_t D) {
+  using bench::Family;
+  switch (m.family) {
+    case Family::standard:
+      return standard<T>();
+    case Family::softmax:
+      return library<T>(effattn::Softmax{0, m.causal});
+#if EFFATTN_BENCH_CPU_NYSTROM
+    case Family::nystrom:
+      return library<T>(effattn::Nystrom{m.size});
+#endif
+#if EFFATTN_BENCH_CPU_PROXY
+    case Family::proxy: {
+      auto tokens = random_tokens<T>(2 * H * m.size * D, 7);
+      effattn::Proxy<T> p;
+      p.proxy_q = effattn::bhsd<const T>(tokens->data(), 1, H, m.size, D);
+      p.proxy_k = effattn::bhsd<const T>(tokens->data() + H * m.size * D, 1, H, m.size, D);
+      return library<T>(p, tokens, tokens->size() * sizeof(T));
+    }
+#endif
+#if EFFATTN_BENCH_CPU_FAVOR && EFFATTN_BENCH_FAVOR_PROJECTION
+    case Family::favor: {
+      auto projection = std::make_shared<std::vector<float>>(effattn::favor_projection(11, static_cast<int>(H), m.size,
+                                                                                       static_cast<int>(D)));
+      effattn::Favor f;
+      f.projection = effattn::bhsd<const float>(projection->data(), 1, H, m.size, D);
+      f.causal = m.causal;
+      return library<T>(f, projection, projection->size() * sizeof(float));
+    }
+#endif
+    default:
+      return {};
+  }
+}
+
+struct AlignedFree {
+  void operator()(void* p) const { std::free(p); }
+};
+
+template <class T>
+std::function<void(benchmark::State&)> make_body(const bench::Case& c, const bench::Options& o) {
+  const int64_t H = c.shape.heads, D = c.shape.dim, N = c.seq, B = c.batch;
+  Runner<T> r = make_runner<T>(c.method, H, D);
+  if (!r.run) return {};
+  const double scores_mb = H * static_cast<double>(N) * N * sizeof(T) / (1 << 20);
+  const bool too_big = c.method.family == bench::Family::standard && scores_mb > o.max_scores_mb;
+  return [c, r, B, H, N, D, too_big, scores_mb](benchmark::State& st) {
+    if (too_big) {
+      const std::string why = "standard attention's scores need " + std::to_string(static_cast<int64_t>(scores_mb)) +
+                              " MB (over --max-scores-mb)";
+      st.SkipWithError(why.c_str());
+      for (auto _ : st) {
+      }
+      return;
+    }
+    std::vector<T> q(B * H * N * D), k(q.size()), v(q.size()), out(q.size());
+    bench::fill_uniform(q.size(), 1, [&](size_t i, float x) { q[i] = static_cast<T>(x); });
+    bench::fill_uniform(k.size(), 2, [&](size_t i, float x) { k[i] = static_cast<T>(x); });
+    bench::fill_uniform(v.size(), 3, [&](size_t i, float x) { v[i] = static_cast<T>(x); });
+    const auto in = [&](const std::vector<T>& x, int64_t b) { return effattn::bhsd<const T>(x.data(), b, H, N, D); };
+
+    // Memory of one sequence: the library's own allocations while it runs on it.
+    const size_t before = effattn::allocation_stats().current;
+    effattn::reset_allocation_peak();
+    r.run(in(q, 1), in(k, 1), in(v, 1), effattn::bhsd(out.data(), 1, H, N, D), nullptr, 0);
+    const size_t scratch = effattn::allocation_stats().peak - before;
+    const size_t ws_one = r.workspace(in(q, 1), in(k, 1), in(v, 1));
+
+    // Timed: the whole batch with a caller workspace, as a steady-state caller runs it.
+    const size_t ws_size = r.workspace(in(q, B), in(k, B), in(v, B));
+    std::unique_ptr<void, AlignedFree> ws(ws_size ? std::aligned_alloc(64, effattn::detail::align_up(ws_size)) : nullptr);
+    const auto out_view = effattn::bhsd(out.data(), B, H, N, D);
+    for (auto _ : st) {
+      r.run(in(q, B), in(k, B), in(v, B), out_view, ws.get(), ws_size);
+      benchmark::DoNotOptimize(out.data());
+      benchmark::ClobberMemory();
+    }
+    bench::set_counters(st, c, bench::io_bytes_per_sequence(c, sizeof(T)) + r.parameter_bytes + scratch,
+                        static_cast<double>(ws_one));
+  };
+}
+
+/// Eigen SGEMM n×n×n: the FLOP-rate ceiling the softmax target is a ratio to.
+std::function<void(benchmark::State&)> gemm_body(int64_t n) {
+  return [n](benchmark::State& st) {
+    Eigen::MatrixXf a = Eigen::MatrixXf::Random(n, n), b = Eigen::MatrixXf::Random(n, n), c(n, n);
+    for (auto _ : st) {
+      c.noalias() = a * b;
+      benchmark::DoNotOptimize(c.data());
+      benchmark::ClobberMemory();
+    }
+    st.counters["TFLOP/s"] = benchmark::Counter(2e-12 * n * n * n, benchmark::Counter::kIsIterationInvariantRate);
+  };
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bench::Options o = bench::Options::parse(argc, argv);
+  if (o.types.empty()) o.types = {"float"};
+  if (o.device.empty()) o.device = "cpu";
+  std::vector<bench::Case> cases;
+  for (const auto& type : o.types) {
+    if (type != "float" && type != "double") {
+      std::fprintf(stderr, "the CPU backend computes in float or double, not '%s'\n", type.c_str());
+      return 2;
+    }
+    auto more = bench::all_cases(o, "cpu", type);
+    cases.insert(cases.end(), more.begin(), more.end());
+  }
+  bool gemm = false;
+  for (const auto& s : o.suites) gemm = gemm || s == "targets";
+  if (gemm) {
+    bench::Case g{"targets", bench::MethodSpec::parse("softmax"), "cpu", "float", {"gemm", 1, 2048}, 2048, 1};
+    g.method.name = "eigen-gemm";
+    cases.push_back(g);
+  }
+  return bench::run_main(
+      o, cases,
+      [&](const bench::Case& c) -> std::function<void(benchmark::State&)> {
+        if (c.method.name == "eigen-gemm") return gemm_body(c.seq);
+        return c.type == "double" ? make_body<double>(c, o) : make_body<float>(c, o);
+      },
+      benchmark::kMillisecond, false);
+}

@@ -1,0 +1,326 @@
+#!/usr/bin/env python3
+"""Renders bench JSON (Google Benchmark --benchmark_out, or bench/peers/run_peers.py output) as the
+papers' tables: rows = method, columns = sequence length, cells = ms or MB per sequence with the
+ratio to standard (materialized N x N) attention measured in the same run; plus the per-issue
+targets and, when matplotlib is present, a log-log PNG of throughput and memory vs N.
+
+    python3 bench/render.py results.json [peers.json ...] [--out table.md] [--png plot.png]
+
+The markdown needs only the Python standard library; --png needs matplotlib.
+"""
+import argparse
+import json
+import math
+import sys
+
+MB = float(1 << 20)
+TIME_UNIT_MS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
+SHAPES = {
+    "lra": "LRA attention: 2 heads, head dim 32",
+    "fa64": "FlashAttention shape: 32 heads, head dim 64 (H·D = 2048)",
+    "fa128": "FlashAttention shape: 16 heads, head dim 128 (H·D = 2048)",
+    "targets": "target shape: B·H = 4, head dim 64",
+}
+# Reference column, first found: effattn's materialized baseline, else the peers' own.
+REFERENCES = ("standard", "torch-standard")
+# The issue's goal at N = 4096 for these methods vs standard attention in the same run.
+PAPER_GOAL = {"speedup": 3.8, "memory": 0.08, "seq": 4096}
+
+
+def method_order(name):
+    order = ["standard", "softmax", "softmax-causal", "nystrom", "proxy", "favor"]
+    base = name.split("-")[0]
+    for i, prefix in enumerate(order):
+        if name == prefix or (base == prefix and prefix in ("nystrom", "proxy", "favor")):
+            return (0, i, name)
+    return (1, 0, name)  # peers after effattn's rows
+
+
+def parse_name(name):
+    fields = {}
+    for part in name.split("/"):
+        if ":" in part:
+            key, value = part.split(":", 1)
+            fields[key] = value
+    return fields
+
+
+def load(paths):
+    """Rows of {suite, method, backend, type, shape, N, B, ms_per_seq, mb_per_seq, tflops, error}."""
+    rows, contexts = [], []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        contexts.append(data.get("context", {}))
+        for b in data.get("benchmarks", []):
+            if b.get("run_type") == "aggregate":
+                continue
+            f = parse_name(b.get("run_name", b["name"]))
+            if "suite" not in f:
+                continue
+            row = dict(suite=f["suite"], method=f["method"], backend=f["backend"], type=f["type"],
+                       shape=f["shape"], N=int(f["N"]), B=int(f.get("B", 1)), error=None,
+                       ms_per_seq=None, mb_per_seq=None, tflops=None)
+            if b.get("error_occurred"):
+                row["error"] = b.get("error_message", "skipped")
+            else:
+                per_iter_ms = b["real_time"] * TIME_UNIT_MS[b.get("time_unit", "ns")]
+                row["ms_per_seq"] = per_iter_ms / row["B"]
+                if "mem/seq" in b:
+                    row["mb_per_seq"] = b["mem/seq"] / MB
+                if "TFLOP/s" in b:
+                    row["tflops"] = b["TFLOP/s"]
+            rows.append(row)
+    return rows, contexts
+
+
+def fmt(x):
+    if x is None:
+        return "—"
+    if x >= 100:
+        return f"{x:.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    if x >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3g}"
+
+
+def fmt_ratio(x):
+    return f"{x:.2f}×" if x < 10 else f"{x:.0f}×" if x >= 100 else f"{x:.1f}×"
+
+
+def groups_of(rows, suite):
+    groups = {}
+    for r in rows:
+        if r["suite"] == suite:
+            groups.setdefault((r["shape"], r["backend"], r["type"]), []).append(r)
+    return groups
+
+
+def reference_rows(group):
+    for ref in REFERENCES:
+        cells = {r["N"]: r for r in group if r["method"] == ref and r["error"] is None}
+        if cells:
+            return ref, cells
+    return None, {}
+
+
+def table(group, value, ratio, title):
+    """One markdown table: rows = method, columns = N, cell = value (ratio to the reference)."""
+    seqs = sorted({r["N"] for r in group})
+    methods = sorted({r["method"] for r in group}, key=method_order)
+    cell = {(r["method"], r["N"]): r for r in group}
+    ref_name, ref = reference_rows(group)
+    lines = [f"**{title}**", "", "| method | " + " | ".join(f"N = {n}" for n in seqs) + " |",
+             "|---|" + "---:|" * len(seqs)]
+    notes = []
+    for m in methods:
+        cells = []
+        for n in seqs:
+            r = cell.get((m, n))
+            if r is None:
+                cells.append("")
+            elif r["error"] is not None:
+                if r["error"] not in notes:
+                    notes.append(r["error"])
+                cells.append(f"— ({notes.index(r['error']) + 1})")
+            else:
+                v = value(r)
+                text = fmt(v)
+                base = ref.get(n)
+                if v is not None and base is not None and m != ref_name and value(base):
+                    text += f" ({fmt_ratio(ratio(v, value(base)))})"
+                cells.append(text)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    for i, note in enumerate(notes):
+        lines.append(f"\n({i + 1}) {note}")
+    return "\n".join(lines), ref_name
+
+
+def render_tables(rows):
+    out = []
+    for (shape, backend, type_), group in sorted(groups_of(rows, "table").items()):
+        batch = sorted({(r["N"], r["B"]) for r in group})
+        out.append(f"### {SHAPES.get(shape, shape)} — {backend}, {type_}")
+        out.append("")
+        out.append("Batch per call: " + ", ".join(f"B = {b} at N = {n}" for n, b in batch) + ".")
+        out.append("")
+        t, ref = table(group, lambda r: r["ms_per_seq"], lambda v, b: b / v,
+                       "Time per sequence, ms (throughput relative to %s)" % (reference_rows(group)[0] or "—"))
+        out += [t, ""]
+        t, _ = table(group, lambda r: r["mb_per_seq"], lambda v, b: v / b,
+                     "Memory per sequence, MB (relative to %s)" % (ref or "—"))
+        out += [t, ""]
+        t, _ = table(group, lambda r: r["tflops"], lambda v, b: v / b, "Matrix-product TFLOP/s (relative)")
+        out += [t, ""]
+        out += paper_goals(group)
+    return out
+
+
+def paper_goals(group):
+    """The issue's goal at N = 4096: >= 3.8x throughput and <= 0.08x memory vs standard."""
+    n = PAPER_GOAL["seq"]
+    ref_name, ref = reference_rows(group)
+    base = ref.get(n)
+    if base is None:
+        return []
+    lines = [f"**Goal at N = {n}: ≥ {PAPER_GOAL['speedup']}× the throughput and ≤ {PAPER_GOAL['memory']}× "
+             f"the memory per sequence of {ref_name}**", "",
+             "| method | throughput ratio | memory ratio | met |", "|---|---:|---:|:---:|"]
+    for r in sorted(group, key=lambda r: method_order(r["method"])):
+        if r["N"] != n or r["error"] is not None or r["method"].split("-")[0] not in ("nystrom", "proxy", "favor"):
+            continue
+        speed = base["ms_per_seq"] / r["ms_per_seq"]
+        mem = r["mb_per_seq"] / base["mb_per_seq"] if r["mb_per_seq"] and base["mb_per_seq"] else None
+        met = speed >= PAPER_GOAL["speedup"] and mem is not None and mem <= PAPER_GOAL["memory"]
+        lines.append(f"| {r['method']} | {fmt_ratio(speed)} | {fmt_ratio(mem) if mem else '—'} | "
+                     f"{'yes' if met else 'no'} |")
+    return lines + [""]
+
+
+def render_targets(rows):
+    """Per-issue speed targets, each a ratio of two benches of the same run."""
+    by = {}
+    for r in rows:
+        if r["suite"] == "targets" and r["error"] is None:
+            by[(r["method"], r["backend"], r["type"], r["N"])] = r
+    out = []
+    for backend, type_ in sorted({(k[1], k[2]) for k in by}):
+        def get(method, n):
+            return by.get((method, backend, type_, n))
+
+        checks = []
+        gemm, sm = get("eigen-gemm", 2048), get("softmax", 4096)
+        if gemm and sm:
+            checks.append(("softmax (B·H = 4, N = 4096, D = 64) FLOP rate / Eigen SGEMM 2048³ FLOP rate",
+                           sm["tflops"] / gemm["tflops"], ">=", 0.5,
+                           f"{sm['tflops'] * 1e3:.1f} / {gemm['tflops'] * 1e3:.1f} GFLOP/s"))
+        smc = get("softmax-causal", 4096)
+        if sm and smc:
+            checks.append(("causal softmax FLOP rate / softmax FLOP rate (N = 4096)", smc["tflops"] / sm["tflops"],
+                           "info", None, f"{smc['tflops'] * 1e3:.1f} / {sm['tflops'] * 1e3:.1f} GFLOP/s"))
+        sm16 = get("softmax", 16384)
+        for method, goal in (("nystrom-64", 10.0), ("favor-256", 10.0)):
+            r = get(method, 16384)
+            if sm16 and r:
+                checks.append((f"{method} speed-up over softmax (B·H = 4, N = 16384, D = 64)",
+                               sm16["ms_per_seq"] / r["ms_per_seq"], ">=", goal,
+                               f"{sm16['ms_per_seq']:.1f} ms / {r['ms_per_seq']:.2f} ms"))
+        fb, fc = get("favor-256", 16384), get("favor-256-causal", 16384)
+        if fb and fc:
+            checks.append(("favor-256 causal time / bidirectional time (N = 16384)",
+                           fc["ms_per_seq"] / fb["ms_per_seq"], "<=", 2.0,
+                           f"{fc['ms_per_seq']:.2f} ms / {fb['ms_per_seq']:.2f} ms"))
+        if not checks:
+            continue
+        out += [f"### Per-issue targets — {backend}, {type_}", "",
+                "| target | measured | goal | met | from |", "|---|---:|---:|:---:|---|"]
+        for what, value, op, goal, detail in checks:
+            if op == "info":
+                out.append(f"| {what} | {value:.2f} | — | — | {detail} |")
+            else:
+                met = value >= goal if op == ">=" else value <= goal
+                out.append(f"| {what} | {value:.2f} | {op} {goal:g} | {'yes' if met else 'no'} | {detail} |")
+        out.append("")
+    return out
+
+
+def render(rows, contexts, command=None):
+    ctx = contexts[0] if contexts else {}
+    device = ctx.get("effattn_device") or ctx.get("host_name", "unknown device")
+    out = [f"## effattn bench — {device}", ""]
+    out += render_tables(rows)
+    out += render_targets(rows)
+    notes = [
+        "Time per sequence = wall time of one call over a batch of B sequences, divided by B "
+        "(CPU: real time; CUDA: CUDA-event time). The ratio in brackets is throughput relative to "
+        "the reference row, measured in the same run (higher is faster).",
+        "Memory per sequence = bytes of q, k, v and out of one sequence, plus the method's "
+        "parameters (proxy tokens, random features), plus the operator's scratch measured during a "
+        "call on that one sequence: on CPU the high-water mark of effattn's own allocations "
+        "(effattn::allocation_stats), on CUDA the stream-ordered pool's high-water mark. "
+        "The standard baseline allocates its H·N² score matrix through the same counter. MB = 2^20 bytes.",
+        "TFLOP/s counts matrix-product FLOPs as FlashAttention does (4·N²·D per head for softmax, "
+        "causal halved); Nyström, Proxy and FAVOR+ count their own products (O(N·M·D)).",
+        "standard = softmax(s·Q·Kᵀ)·V with every head's N×N scores in memory (Eigen GEMMs on CPU, "
+        "cuBLAS on CUDA): the papers' reference column.",
+    ]
+    peers = [c for c in contexts if c.get("peer")]
+    if peers:
+        notes.append("torch-* rows come from bench/peers/run_peers.py: " + peers[0].get("peer_note", ""))
+    meta = []
+    for c in contexts:
+        bits = [c.get("effattn_device") or c.get("host_name", "")]
+        if c.get("num_cpus"):
+            bits.append(f"{c['num_cpus']} CPUs")
+        if c.get("date"):
+            bits.append(c["date"])
+        if c.get("effattn_commit"):
+            bits.append(f"commit {c['effattn_commit']}")
+        meta.append(", ".join(b for b in bits if b))
+    out += ["---", ""] + [f"- {n}" for n in notes] + [f"- Run: {m}" for m in meta]
+    if command:
+        out.append(f"- Command: `{command}`")
+    return "\n".join(out) + "\n"
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("render.py: matplotlib not found; no PNG (pip install matplotlib, or apt-get install "
+              "python3-matplotlib)", file=sys.stderr)
+        return False
+    groups = sorted(groups_of(rows, "table").items())
+    if not groups:
+        return False
+    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.6 * len(groups)), squeeze=False)
+    for (key, group), (ax_t, ax_m) in zip(groups, axes):
+        shape, backend, type_ = key
+        methods = sorted({r["method"] for r in group}, key=method_order)
+        for i, m in enumerate(methods):
+            pts = sorted((r["N"], r) for r in group if r["method"] == m and r["error"] is None)
+            if not pts:
+                continue
+            style = dict(marker="o", linestyle="--" if m.startswith("torch") else "-", color=f"C{i % 10}", label=m)
+            ax_t.plot([n for n, _ in pts], [1e3 / r["ms_per_seq"] for _, r in pts], **style)
+            mem = [(n, r["mb_per_seq"]) for n, r in pts if r["mb_per_seq"]]
+            if mem:
+                ax_m.plot([n for n, _ in mem], [v for _, v in mem], **style)
+        for ax, label in ((ax_t, "throughput, sequences / s"), (ax_m, "memory per sequence, MB")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length N")
+            ax.set_ylabel(label)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.set_title(f"{shape} ({backend}, {type_}): {label.split(',')[0]}")
+        ax_t.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("json", nargs="+", help="bench JSON files (effattn binaries and/or run_peers.py)")
+    p.add_argument("--out", help="write the markdown here (default: stdout only)")
+    p.add_argument("--png", help="write the log-log plot here (needs matplotlib)")
+    p.add_argument("--command", help="the command that produced the JSON, for the footer")
+    a = p.parse_args()
+    rows, contexts = load(a.json)
+    if not rows:
+        sys.exit("render.py: no effattn bench entries in " + ", ".join(a.json))
+    text = render(rows, contexts, a.command)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text)
+    print(text)
+    if a.png and plot(rows, a.png):
+        print(f"render.py: wrote {a.png}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
