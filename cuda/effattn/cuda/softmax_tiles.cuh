@@ -439,8 +439,11 @@ void launch_softmax_tiles(const SoftmaxTiles<TQ, TKV, TOut>& p, cudaStream_t str
                     " bytes of shared memory per block but this device allows ", limit);
     EFFATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
   }
-  kernel<<<static_cast<unsigned>(blocks), tiles::kThreads, kBytes, stream>>>(p, plan);
-  EFFATTN_CUDA_CHECK(cudaGetLastError());
+  // cudaLaunchKernel reports this launch's own failure, not an earlier error of the caller's.
+  SoftmaxTiles<TQ, TKV, TOut> params = p;
+  void* args[] = {&params, &plan};
+  EFFATTN_CUDA_CHECK(cudaLaunchKernel(reinterpret_cast<const void*>(kernel), dim3(static_cast<unsigned>(blocks)),
+                                      dim3(tiles::kThreads), args, kBytes, stream));
 }
 
 /// launch_softmax_tiles for the runtime head dim p.head_dim (Error when unsupported).
