@@ -101,8 +101,12 @@ TYPED_TEST(NystromCpu, GroupedAndMultiQueryHeads) {
   run_case<TypeParam>({1, 6, 1, 350, 290, 32, 40, 16, false, Layout::bshd});
 }
 
+// Beyond the default 6 iterations the output is as ill-conditioned as pinv(K2) (see
+// proxy_test.cpp): float is checked up to 6, double also at 12 and 20.
 TYPED_TEST(NystromCpu, IterationCountsAndScale) {
-  for (int it : {0, 1, 3, 10}) run_case<TypeParam>({1, 2, 2, 500, 500, 32, 32, 16, false, Layout::bhsd, it});
+  std::vector<int> counts{0, 1, 3, 6};
+  if (std::is_same_v<TypeParam, double>) counts.insert(counts.end(), {12, 20});
+  for (int it : counts) run_case<TypeParam>({1, 2, 2, 500, 500, 32, 32, 16, false, Layout::bhsd, it});
   run_case<TypeParam>({1, 2, 2, 500, 500, 64, 64, 32, true, Layout::bhsd, 6, 0.3f});
   run_case<TypeParam>({1, 2, 2, 500, 500, 64, 64, 32, false, Layout::bhsd, 6, -0.2f});
 }
