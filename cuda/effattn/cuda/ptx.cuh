@@ -69,6 +69,34 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
   }
 }
 
+/// Lane-to-element maps of the fragments, as the kernels use them. Host-callable, so that a test
+/// can check them against the PTX layouts above without a GPU.
+struct Fragments {
+  // ldmatrix_x4 addresses: the row and column of a 16x16 block that lane l points at, so that
+  // the four registers come out in mma's operand order.
+  /// A (16 rows x 16 k, row-major): r[0..3] = a[0..3].
+  static constexpr __host__ __device__ int a_row(int lane) { return lane % 16; }
+  static constexpr __host__ __device__ int a_col(int lane) { return (lane / 16) * 8; }
+  /// B of two n-blocks from an n-major tile (row = n, col = k: K rows for Q K^T), no transpose:
+  /// r[0], r[1] = b[0], b[1] of n 0..7; r[2], r[3] = those of n 8..15.
+  static constexpr __host__ __device__ int bn_row(int lane) { return lane % 8 + (lane / 16) * 8; }
+  static constexpr __host__ __device__ int bn_col(int lane) { return ((lane / 8) % 2) * 8; }
+  /// B of two n-blocks from a k-major tile (row = k, col = n: V rows for P V), ldmatrix_x4_trans:
+  /// r[0], r[1] = b[0], b[1] of n 0..7; r[2], r[3] = those of n 8..15.
+  static constexpr __host__ __device__ int bk_row(int lane) { return lane % 8 + ((lane / 8) % 2) * 8; }
+  static constexpr __host__ __device__ int bk_col(int lane) { return (lane / 16) * 8; }
+
+  // Accumulators c of n-blocks 2kk, 2kk + 1 reused as the A operand of k-block kk (16 wide):
+  // a[r] packs c[2kk + acc_block(r)][acc_elem(r)] (low half) and [acc_elem(r) + 1].
+  static constexpr __host__ __device__ int acc_block(int r) { return r / 2; }
+  static constexpr __host__ __device__ int acc_elem(int r) { return (r % 2) * 2; }
+
+  // Accumulator element (row g + 8 * half, column j of a 16 x kKeys tile) lives in lane
+  // owner_lane(lane, j) of the quad that holds row g, at c[j / 8][owner_elem(j) + 2 * half].
+  static constexpr __host__ __device__ int owner_lane(int lane, int j) { return (lane & ~3) | ((j % 8) / 2); }
+  static constexpr __host__ __device__ int owner_elem(int j) { return j % 2; }
+};
+
 /// Two floats rounded to T and packed into one register, `lo` in the lower 16 bits.
 template <class T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {

@@ -155,22 +155,21 @@ template <class Tc, int D>
 __device__ __forceinline__ void tile_scores(float (&s)[Config<Tc, D>::kKeys / 8][4], const Tc* q_tile,
                                             const Tc* k_tile, int warp, int lane) {
   using C = Config<Tc, D>;
+  using F = ptx::Fragments;
   constexpr int kN = C::kKeys / 8;
 #pragma unroll
   for (int n = 0; n < kN; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
   if constexpr (C::kTensorCores) {
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      // A = Q rows [16w, 16w + 16) x dims [16kk, 16kk + 16): lane l gives row l % 16, col 8 (l / 16).
+      // A = Q rows [16w, 16w + 16) x dims [16kk, 16kk + 16).
       uint32_t a[4];
-      ptx::ldmatrix_x4(a, q_tile + (warp * 16 + lane % 16) * C::kStride + kk * 16 + (lane / 16) * 8);
+      ptx::ldmatrix_x4(a, q_tile + (warp * 16 + F::a_row(lane)) * C::kStride + kk * 16 + F::a_col(lane));
 #pragma unroll
       for (int np = 0; np < kN / 2; ++np) {
-        // B for key blocks 2np, 2np+1: matrices (keys +0, dims +0), (keys +0, dims +8),
-        // (keys +8, dims +0), (keys +8, dims +8); K rows are B's columns, so no transpose.
+        // B = K^T for keys [16np, 16np + 16) (blocks 2np, 2np + 1): K rows are B's columns.
         uint32_t b[4];
-        ptx::ldmatrix_x4(b, k_tile + (np * 16 + lane % 8 + (lane / 16) * 8) * C::kStride + kk * 16 +
-                                ((lane / 8) % 2) * 8);
+        ptx::ldmatrix_x4(b, k_tile + (np * 16 + F::bn_row(lane)) * C::kStride + kk * 16 + F::bn_col(lane));
         ptx::mma_16816<Tc>(s[2 * np], a, b[0], b[1]);
         ptx::mma_16816<Tc>(s[2 * np + 1], a, b[2], b[3]);
       }
@@ -201,20 +200,22 @@ template <class Tc, int D>
 __device__ __forceinline__ void tile_accumulate(float (&o)[D / 8][4], const float (&s)[Config<Tc, D>::kKeys / 8][4],
                                                 const Tc* v_tile, int lane) {
   using C = Config<Tc, D>;
+  using F = ptx::Fragments;
   if constexpr (C::kTensorCores) {
 #pragma unroll
     for (int kk = 0; kk < C::kKeys / 16; ++kk) {
-      // The accumulator layout of key blocks 2kk, 2kk+1 is exactly the A layout of keys [16kk, 16kk+16).
-      const uint32_t a[4] = {ptx::pack2<Tc>(s[2 * kk][0], s[2 * kk][1]), ptx::pack2<Tc>(s[2 * kk][2], s[2 * kk][3]),
-                             ptx::pack2<Tc>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             ptx::pack2<Tc>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      // The weights of key blocks 2kk, 2kk + 1 are already in A's layout for keys [16kk, 16kk + 16).
+      uint32_t a[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const float* c = s[2 * kk + F::acc_block(r)];
+        a[r] = ptx::pack2<Tc>(c[F::acc_elem(r)], c[F::acc_elem(r) + 1]);
+      }
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
-        // B = V keys [16kk, +16) x dims [16dp, +16), transposed on load: matrices (keys +0, dims +0),
-        // (keys +8, dims +0), (keys +0, dims +8), (keys +8, dims +8).
+        // B = V keys [16kk, 16kk + 16) x dims [16dp, 16dp + 16) (output blocks 2dp, 2dp + 1).
         uint32_t b[4];
-        ptx::ldmatrix_x4_trans(b, v_tile + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * C::kStride + dp * 16 +
-                                      (lane / 16) * 8);
+        ptx::ldmatrix_x4_trans(b, v_tile + (kk * 16 + F::bk_row(lane)) * C::kStride + dp * 16 + F::bk_col(lane));
         ptx::mma_16816<Tc>(o[2 * dp], a, b[0], b[1]);
         ptx::mma_16816<Tc>(o[2 * dp + 1], a, b[2], b[3]);
       }
@@ -223,10 +224,10 @@ __device__ __forceinline__ void tile_accumulate(float (&o)[D / 8][4], const floa
     const int t = lane % 4;
 #pragma unroll
     for (int j = 0; j < C::kKeys; ++j) {
-      // Weight of key j for rows g and g + 8 lives in lane 4g + (j % 8) / 2 of this quad.
-      const int src = (lane & ~3) | ((j % 8) / 2);
-      const float pa = __shfl_sync(0xffffffffu, s[j / 8][j % 2], src);
-      const float pb = __shfl_sync(0xffffffffu, s[j / 8][2 + j % 2], src);
+      // The weights of key j for rows g and g + 8, from the lane of this quad that holds them.
+      const int src = F::owner_lane(lane, j);
+      const float pa = __shfl_sync(0xffffffffu, s[j / 8][F::owner_elem(j)], src);
+      const float pb = __shfl_sync(0xffffffffu, s[j / 8][F::owner_elem(j) + 2], src);
       const float* vrow = v_tile + j * C::kStride + 2 * t;
 #pragma unroll
       for (int n = 0; n < D / 8; ++n) {
