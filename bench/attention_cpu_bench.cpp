@@ -61,30 +61,32 @@ size_t standard_scores_bytes(Tensor<const T> q, Tensor<const T> k) {
 }
 
 /// out = softmax(s Q Kᵀ) V per sequence, as the papers' baseline (and torch without a fused
-/// kernel) computes it: all heads' N×N scores in memory, Eigen GEMMs (threaded by OpenMP).
+/// kernel) computes it: all heads' N×N scores in memory, written by one GEMM, normalized in a
+/// second pass and read back by a third. The passes run per (head, block of rows) on OpenMP
+/// threads, each a single-threaded Eigen GEMM, so the baseline is as parallel as the operators.
 /// Contiguous [B, H, N, D] views only; bench code, not library code.
 template <class T>
 void standard_attention(Tensor<const T> q, Tensor<const T> k, Tensor<const T> v, Tensor<T> out, void* ws,
                         size_t ws_size) {
   const int64_t B = q.shape[0], H = q.shape[1], Nq = q.shape[2], Nk = k.shape[2], D = q.shape[3], Dv = v.shape[3];
+  constexpr int64_t kRows = 64;
+  const int64_t blocks = (Nq + kRows - 1) / kRows;
   const T scale = T(1) / std::sqrt(T(D));
   effattn::detail::HostWorkspace workspace(ws, ws_size, standard_scores_bytes(q, k));
   T* scores = workspace.arena().template take<T>(static_cast<size_t>(H * Nq * Nk));
   for (int64_t b = 0; b < B; ++b) {
-    for (int64_t h = 0; h < H; ++h) {
-      Map<T> s(scores + h * Nq * Nk, Nq, Nk);
-      s.noalias() = scale * ConstMap<T>(&q(b, h, 0, 0), Nq, D) * ConstMap<T>(&k(b, h, 0, 0), Nk, D).transpose();
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t item = 0; item < H * blocks; ++item) {
+      const int64_t h = item / blocks, r0 = item % blocks * kRows, rows = std::min(kRows, Nq - r0);
+      Map<T> s(scores + (h * Nq + r0) * Nk, rows, Nk);
+      s.noalias() = scale * ConstMap<T>(&q(b, h, r0, 0), rows, D) * ConstMap<T>(&k(b, h, 0, 0), Nk, D).transpose();
+      for (int64_t r = 0; r < rows; ++r) {
+        auto row = s.row(r).array();
+        row = (row - row.maxCoeff()).exp();
+        row /= row.sum();
+      }
+      Map<T>(&out(b, h, r0, 0), rows, Dv).noalias() = s * ConstMap<T>(&v(b, h, 0, 0), Nk, Dv);
     }
-    Map<T> all(scores, H * Nq, Nk);
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < H * Nq; ++r) {
-      auto row = all.row(r).array();
-      row = (row - row.maxCoeff()).exp();
-      row /= row.sum();
-    }
-    for (int64_t h = 0; h < H; ++h)
-      Map<T>(&out(b, h, 0, 0), Nq, Dv).noalias() =
-          Map<T>(scores + h * Nq * Nk, Nq, Nk) * ConstMap<T>(&v(b, h, 0, 0), Nk, Dv);
   }
 }
 
@@ -179,6 +181,7 @@ std::function<void(benchmark::State&)> make_body(const bench::Case& c, const ben
     const size_t ws_size = r.workspace(in(q, B), in(k, B), in(v, B));
     std::unique_ptr<void, AlignedFree> ws(ws_size ? std::aligned_alloc(64, effattn::detail::align_up(ws_size)) : nullptr);
     const auto out_view = effattn::bhsd(out.data(), B, H, N, D);
+    r.run(in(q, B), in(k, B), in(v, B), out_view, ws.get(), ws_size);  // warm-up: first touch of ws and out
     for (auto _ : st) {
       r.run(in(q, B), in(k, B), in(v, B), out_view, ws.get(), ws_size);
       benchmark::DoNotOptimize(out.data());

@@ -48,17 +48,22 @@ def parse_name(name):
 def load(paths):
     """Rows of {suite, method, backend, type, shape, N, B, ms_per_seq, mb_per_seq, tflops, error}."""
     rows, contexts = [], []
-    for path in paths:
+    for source, path in enumerate(paths):
         with open(path) as f:
             data = json.load(f)
         contexts.append(data.get("context", {}))
-        for b in data.get("benchmarks", []):
-            if b.get("run_type") == "aggregate":
+        benches = data.get("benchmarks", [])
+        # With --benchmark_repetitions, the median of the repetitions stands for the case.
+        medians = {b["run_name"] for b in benches if b.get("aggregate_name") == "median"}
+        for b in benches:
+            if b.get("run_type") == "aggregate" and b.get("aggregate_name") != "median":
+                continue
+            if b.get("run_type") != "aggregate" and b.get("run_name") in medians:
                 continue
             f = parse_name(b.get("run_name", b["name"]))
             if "suite" not in f:
                 continue
-            row = dict(suite=f["suite"], method=f["method"], backend=f["backend"], type=f["type"],
+            row = dict(source=source, suite=f["suite"], method=f["method"], backend=f["backend"], type=f["type"],
                        shape=f["shape"], N=int(f["N"]), B=int(f.get("B", 1)), error=None,
                        ms_per_seq=None, mb_per_seq=None, tflops=None)
             if b.get("error_occurred"):
@@ -98,20 +103,23 @@ def groups_of(rows, suite):
     return groups
 
 
-def reference_rows(group):
+def reference_rows(group, source=None):
+    """The materialized baseline's rows by N, from the same run (JSON file) as `source`."""
     for ref in REFERENCES:
-        cells = {r["N"]: r for r in group if r["method"] == ref and r["error"] is None}
+        cells = {r["N"]: r for r in group
+                 if r["method"] == ref and r["error"] is None and source in (None, r["source"])}
         if cells:
             return ref, cells
     return None, {}
 
 
 def table(group, value, ratio, title):
-    """One markdown table: rows = method, columns = N, cell = value (ratio to the reference)."""
+    """One markdown table: rows = method, columns = N, cell = value (ratio to the materialized
+    baseline of the same run, when `ratio` is given)."""
     seqs = sorted({r["N"] for r in group})
     methods = sorted({r["method"] for r in group}, key=method_order)
     cell = {(r["method"], r["N"]): r for r in group}
-    ref_name, ref = reference_rows(group)
+    refs = {src: reference_rows(group, src) for src in {r["source"] for r in group}}
     lines = [f"**{title}**", "", "| method | " + " | ".join(f"N = {n}" for n in seqs) + " |",
              "|---|" + "---:|" * len(seqs)]
     notes = []
@@ -128,32 +136,34 @@ def table(group, value, ratio, title):
             else:
                 v = value(r)
                 text = fmt(v)
+                ref_name, ref = refs[r["source"]]
                 base = ref.get(n)
-                if v is not None and base is not None and m != ref_name and value(base):
+                if ratio and v is not None and base is not None and m != ref_name and value(base):
                     text += f" ({fmt_ratio(ratio(v, value(base)))})"
                 cells.append(text)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     for i, note in enumerate(notes):
         lines.append(f"\n({i + 1}) {note}")
-    return "\n".join(lines), ref_name
+    return "\n".join(lines)
 
 
 def render_tables(rows):
     out = []
     for (shape, backend, type_), group in sorted(groups_of(rows, "table").items()):
-        batch = sorted({(r["N"], r["B"]) for r in group})
+        batches = {}
+        for r in group:
+            batches.setdefault(r["N"], set()).add(r["B"])
+        refs = sorted({reference_rows(group, src)[0] or "—" for src in {r["source"] for r in group}})
         out.append(f"### {SHAPES.get(shape, shape)} — {backend}, {type_}")
         out.append("")
-        out.append("Batch per call: " + ", ".join(f"B = {b} at N = {n}" for n, b in batch) + ".")
+        out.append("Batch per call: " + ", ".join(f"B = {'/'.join(map(str, sorted(b)))} at N = {n}"
+                                                  for n, b in sorted(batches.items())) + ".")
         out.append("")
-        t, ref = table(group, lambda r: r["ms_per_seq"], lambda v, b: b / v,
-                       "Time per sequence, ms (throughput relative to %s)" % (reference_rows(group)[0] or "—"))
-        out += [t, ""]
-        t, _ = table(group, lambda r: r["mb_per_seq"], lambda v, b: v / b,
-                     "Memory per sequence, MB (relative to %s)" % (ref or "—"))
-        out += [t, ""]
-        t, _ = table(group, lambda r: r["tflops"], lambda v, b: v / b, "Matrix-product TFLOP/s (relative)")
-        out += [t, ""]
+        out += [table(group, lambda r: r["ms_per_seq"], lambda v, b: b / v,
+                      f"Time per sequence, ms (throughput relative to {' / '.join(refs)} of the same run)"), ""]
+        out += [table(group, lambda r: r["mb_per_seq"], lambda v, b: v / b,
+                      f"Memory per sequence, MB (relative to {' / '.join(refs)} of the same run)"), ""]
+        out += [table(group, lambda r: r["tflops"], None, "Matrix-product TFLOP/s"), ""]
         out += paper_goals(group)
     return out
 
@@ -161,15 +171,16 @@ def render_tables(rows):
 def paper_goals(group):
     """The issue's goal at N = 4096: >= 3.8x throughput and <= 0.08x memory vs standard."""
     n = PAPER_GOAL["seq"]
-    ref_name, ref = reference_rows(group)
+    ref_name, ref = reference_rows(group, 0)  # effattn's own run: the first JSON file
     base = ref.get(n)
-    if base is None:
+    if base is None or ref_name != "standard":
         return []
     lines = [f"**Goal at N = {n}: ≥ {PAPER_GOAL['speedup']}× the throughput and ≤ {PAPER_GOAL['memory']}× "
              f"the memory per sequence of {ref_name}**", "",
              "| method | throughput ratio | memory ratio | met |", "|---|---:|---:|:---:|"]
     for r in sorted(group, key=lambda r: method_order(r["method"])):
-        if r["N"] != n or r["error"] is not None or r["method"].split("-")[0] not in ("nystrom", "proxy", "favor"):
+        if r["N"] != n or r["error"] is not None or r["source"] != 0 or \
+                r["method"].split("-")[0] not in ("nystrom", "proxy", "favor"):
             continue
         speed = base["ms_per_seq"] / r["ms_per_seq"]
         mem = r["mb_per_seq"] / base["mb_per_seq"] if r["mb_per_seq"] and base["mb_per_seq"] else None
@@ -248,7 +259,7 @@ def render(rows, contexts, command=None):
     ]
     peers = [c for c in contexts if c.get("peer")]
     if peers:
-        notes.append("torch-* rows come from bench/peers/run_peers.py: " + peers[0].get("peer_note", ""))
+        notes.append("torch-*, nystrom-attention-* and performer-* rows come from bench/peers/run_peers.py: " + peers[0].get("peer_note", ""))
     meta = []
     for c in contexts:
         bits = [c.get("effattn_device") or c.get("host_name", "")]
