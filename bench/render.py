@@ -296,13 +296,17 @@ def plot(rows, path):
             pts = sorted((r["N"], r) for r in group if r["method"] == m and r["error"] is None)
             if not pts:
                 continue
-            style = dict(marker="o", linestyle="--" if m.startswith("torch") else "-", color=f"C{i % 10}", label=m)
+            peer = any(r["source"] > 0 for _, r in pts)  # rows from a second JSON (run_peers.py): dashed
+            style = dict(marker="o", linestyle="--" if peer else "-", color=f"C{i % 10}", label=m)
             ax_t.plot([n for n, _ in pts], [1e3 / r["ms_per_seq"] for _, r in pts], **style)
             mem = [(n, r["mb_per_seq"]) for n, r in pts if r["mb_per_seq"]]
             if mem:
                 ax_m.plot([n for n, _ in mem], [v for _, v in mem], **style)
+        seqs = sorted({r["N"] for r in group})
         for ax, label in ((ax_t, "throughput, sequences / s"), (ax_m, "memory per sequence, MB")):
             ax.set_xscale("log", base=2)
+            ax.set_xticks(seqs, [str(n) for n in seqs])
+            ax.minorticks_off() if len(seqs) > 1 else None
             ax.set_yscale("log")
             ax.set_xlabel("sequence length N")
             ax.set_ylabel(label)
