@@ -10,4 +10,7 @@ static_assert(false,
 #include "effattn/cuda/common.cuh"
 // The operators, one header each.
 #include "effattn/cuda/softmax.cuh"
+#include "effattn/cuda/nystrom.cuh"
+#include "effattn/cuda/proxy.cuh"
+#include "effattn/cuda/favor.cuh"
 #endif

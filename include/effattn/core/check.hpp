@@ -108,5 +108,63 @@ inline double resolve_scale(const char* where, float scale, int64_t D) {
   return scale == 0.0f ? 1.0 / std::sqrt(static_cast<double>(D)) : static_cast<double>(scale);
 }
 
+
+/// Nystrom's own parameters (shared by every backend).
+inline void check_nystrom(const char* where, const Nystrom& m) {
+  require(m.landmarks >= 1, where, ": landmarks = ", m.landmarks, " must be >= 1");
+  require(m.pinv_iterations >= 0, where, ": pinv_iterations = ", m.pinv_iterations, " must be >= 0");
+}
+
+/// Proxy's parameters against q: proxies [1 or B, H, M, D], M equal on both sides.
+template <class T>
+void check_proxy(const char* where, const Proxy<T>& m, const Tensor<const T>& q) {
+  check_view(where, "proxy_q", m.proxy_q);
+  check_view(where, "proxy_k", m.proxy_k);
+  const int64_t B = q.shape[0], H = q.shape[1], D = q.shape[3];
+  const char* names[2] = {"proxy_q", "proxy_k"};
+  const Tensor<const T>* proxies[2] = {&m.proxy_q, &m.proxy_k};
+  for (int i = 0; i < 2; ++i) {
+    const Tensor<const T>& p = *proxies[i];
+    require(p.shape[0] == 1 || p.shape[0] == B, where, ": ", names[i], ".shape[0] (batch) = ", p.shape[0],
+            " must be 1 (shared) or q's batch ", B, "; ", names[i], " shape is ", shape_str(p));
+    require(p.shape[1] == H, where, ": ", names[i], ".shape[1] (heads) = ", p.shape[1], " must equal q's heads ", H,
+            "; ", names[i], " shape is ", shape_str(p));
+    require(p.shape[3] == D, where, ": ", names[i], ".shape[3] (dim) = ", p.shape[3], " must equal q's head dim ", D,
+            "; ", names[i], " shape is ", shape_str(p));
+  }
+  require(m.proxy_q.shape[2] == m.proxy_k.shape[2], where, ": proxy_q has ", m.proxy_q.shape[2],
+          " proxies (seq) but proxy_k has ", m.proxy_k.shape[2]);
+  require(m.pinv_iterations >= 0, where, ": pinv_iterations = ", m.pinv_iterations, " must be >= 0 (0: no inverse)");
+  require(m.column_dropout >= 0.0f && m.column_dropout < 1.0f, where, ": column_dropout = ", m.column_dropout,
+          " must be in [0, 1)");
+}
+
+/// Favor's parameters against the call's sizes; returns the resolved scale (> 0).
+inline double check_favor(const char* where, const Favor& m, const Dims& d) {
+  const Tensor<const float>& p = m.projection;
+  require(p.shape[2] >= 1, where, ": projection.shape[2] (features M) = ", p.shape[2], " must be >= 1");
+  check_view(where, "projection", p);
+  require(p.shape[0] == 1, where, ": projection.shape[0] = ", p.shape[0], " must be 1 (shape ", shape_str(p), ")");
+  require(p.shape[1] == 1 || p.shape[1] == d.H, where, ": projection has ", p.shape[1],
+          " heads; it must have 1 or H = ", d.H, " (shape ", shape_str(p), ")");
+  require(p.shape[3] == d.D, where, ": projection.shape[3] = ", p.shape[3], " must equal the head dim of q, D = ", d.D);
+  const double scale = resolve_scale(where, m.scale, d.D);
+  require(scale > 0, where, ": scale = ", m.scale, " must be positive (FAVOR uses sqrt(scale))");
+  require(m.map == FeatureMap::positive || m.map == FeatureMap::relu || m.map == FeatureMap::trig, where,
+          ": map = ", static_cast<int>(m.map), " is not a FeatureMap");
+  require(std::isfinite(m.eps) && m.eps >= 0, where, ": eps = ", m.eps,
+          " must be finite and >= 0 (0 selects the map's default)");
+  require(m.map != FeatureMap::trig || m.eps == 0, where, ": eps = ", m.eps,
+          " has no meaning for FeatureMap::trig (leave it 0)");
+  return scale;
+}
+
+/// The FAVOR map's eps: 0 selects its default (1e-6 positive, 1e-3 relu); trig has none.
+inline double favor_eps(FeatureMap map, float eps) {
+  if (map == FeatureMap::trig) return 0.0;
+  if (eps != 0.0f) return eps;
+  return map == FeatureMap::positive ? 1e-6 : 1e-3;
+}
+
 }  // namespace detail
 }  // namespace effattn
