@@ -196,7 +196,9 @@ void run_raw_case(int64_t B, int64_t H, int64_t Hk, int64_t nq, int64_t nk, int6
   const ref::Result r = ref::softmax(qc.cview(), kc.cview(), vc.cview(), masks, 0.2f, causal);
   const double naive_error =
       testing_util::relative_error(cuda_test::naive_softmax(qc.cview(), kc.cview(), vc.cview(), masks, 0.2f, causal).view, r);
-  EXPECT_LE(testing_util::relative_error(out.view, r), cuda_test::tolerance<Tc>(naive_error));
+  // A 16-bit output adds its own rounding to a float computation.
+  const double tol = std::max(cuda_test::tolerance<Tc>(naive_error), cuda_test::epsilon_of<TOut>());
+  EXPECT_LE(testing_util::relative_error(out.view, r), tol);
   EXPECT_TRUE(cuda_test::outside_unchanged(out, sentinel));
 }
 
