@@ -1,9 +1,12 @@
 // The kernels' lane-to-element maps (ptx::Fragments) against the PTX ISA's definitions of
 // ldmatrix and mma.m16n8k16, emulated on the host: S = Q K^T and O = P V of one warp must come
-// out right. Runs without a GPU, so CI checks the index math the tensor-core path relies on.
+// out right; and the causal tile bounds against brute force. Runs without a GPU, so CI checks
+// the index math the fused softmax kernel relies on.
 #include <gtest/gtest.h>
 
 #include <effattn/cuda/ptx.cuh>
+#include <effattn/cuda/softmax_tiles.cuh>
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <random>
@@ -146,6 +149,33 @@ TEST(Fragments, LdmatrixRowsAreSixteenByteAligned) {
     EXPECT_EQ(F::bn_col(l) % 8, 0);
     EXPECT_EQ(F::bk_col(l) % 8, 0);
   }
+}
+
+TEST(TileBounds, CausalKeyRangeAndUnmaskedTilesMatchBruteForce) {
+  namespace tiles = effattn::cuda::tiles;
+  constexpr int64_t kRows = tiles::kRows;
+  for (int64_t nq : {1, 7, 64, 65, 200})
+    for (int64_t nk : {1, 5, 63, 64, 130, 300})
+      for (int64_t offset : {nk - nq, int64_t(0), int64_t(-70), int64_t(37)})
+        for (bool causal : {false, true})
+          for (int64_t i0 = 0; i0 < nq; i0 += kRows) {
+            const int64_t rows = std::min(kRows, nq - i0);
+            const auto allowed = [&](int64_t i, int64_t j) { return j < nk && (!causal || j <= i + offset); };
+            int64_t want_end = 0;  // one past the last key some row of the block may see
+            for (int64_t i = i0; i < i0 + rows; ++i)
+              for (int64_t j = 0; j < nk; ++j)
+                if (allowed(i, j)) want_end = std::max(want_end, j + 1);
+            ASSERT_EQ(tiles::key_end(nk, i0, rows, causal, offset), want_end)
+                << "nq " << nq << " nk " << nk << " offset " << offset << " causal " << causal << " i0 " << i0;
+            for (int64_t keys : {16, 32, 64})
+              for (int64_t j0 = 0; j0 < nk; j0 += keys) {
+                if (!tiles::tile_unmasked(j0, keys, nk, i0, causal, offset, false)) continue;
+                for (int64_t i = i0; i < i0 + kRows; ++i)
+                  for (int64_t j = j0; j < j0 + keys; ++j)
+                    ASSERT_TRUE(allowed(i, j)) << "tile " << j0 << " claimed unmasked for row " << i;
+              }
+            EXPECT_FALSE(tiles::tile_unmasked(0, 16, nk, i0, false, 0, true)) << "a key mask always masks";
+          }
 }
 
 }  // namespace

@@ -108,6 +108,22 @@ struct Config {
   static_assert(kSharedBytes <= kSharedTargetLimit, "tile does not fit an sm_86 block's shared memory");
 };
 
+/// One past the last key any query row in [i0, i0 + rows) may attend to: nk, or with causal
+/// the diagonal of the last row (key tiles from there on are skipped); 0 when none.
+constexpr __host__ __device__ int64_t key_end(int64_t nk, int64_t i0, int64_t rows, bool causal,
+                                              int64_t causal_offset) {
+  const int64_t diagonal_end = i0 + rows + causal_offset;
+  const int64_t end = causal && diagonal_end < nk ? diagonal_end : nk;
+  return end > 0 ? end : 0;
+}
+
+/// True when every key of [j0, j0 + keys) is allowed for every query row >= i0, so the tile
+/// needs no per-element mask.
+constexpr __host__ __device__ bool tile_unmasked(int64_t j0, int64_t keys, int64_t nk, int64_t i0, bool causal,
+                                                 int64_t causal_offset, bool key_mask) {
+  return !key_mask && j0 + keys <= nk && (!causal || j0 + keys - 1 <= i0 + causal_offset);
+}
+
 /// Base-2 exponentials (scale folded with log2 e) for the 16-bit types, where they are the
 /// cheap path; precise natural exp for float, whose results must match naive float math.
 template <class Tc>
@@ -272,14 +288,8 @@ __global__ void __launch_bounds__(kThreads)
   const uint8_t* const query_valid =
       p.query_valid == nullptr ? nullptr : p.query_valid + b * p.query_batch_stride;
 
-  // Keys any row of this block may see: with causal, up to the diagonal of its last row.
   const int64_t rows_here = p.nq - i0 < kRows ? p.nq - i0 : kRows;
-  int64_t key_end = p.nk;
-  if (p.causal) {
-    const int64_t last_allowed = i0 + rows_here - 1 + p.causal_offset;
-    key_end = last_allowed + 1 < key_end ? last_allowed + 1 : key_end;
-  }
-  const int64_t key_tiles = key_end > 0 ? (key_end + kKeys - 1) / kKeys : 0;
+  const int64_t key_tiles = (key_end(p.nk, i0, rows_here, p.causal, p.causal_offset) + kKeys - 1) / kKeys;
 
   // Stages key tile `tile` (zero rows past nk) and its validity bytes into buffer `stage`.
   const auto load_keys = [&](int64_t tile, int stage) {
@@ -322,8 +332,7 @@ __global__ void __launch_bounds__(kThreads)
 
     // Scaled logits; disallowed keys (invalid, past nk, or after the causal diagonal) -> -inf.
     const int64_t j0 = tile * kKeys;
-    const bool all_allowed = key_valid == nullptr && j0 + kKeys <= p.nk &&
-                             (!p.causal || j0 + kKeys - 1 <= i0 + p.causal_offset);
+    const bool all_allowed = tile_unmasked(j0, kKeys, p.nk, i0, p.causal, p.causal_offset, key_valid != nullptr);
     const uint8_t* const ok = key_ok + stage * kKeys;
 #pragma unroll
     for (int n = 0; n < kKeys / 8; ++n)
