@@ -205,10 +205,37 @@ std::function<void(benchmark::State&)> gemm_body(int64_t n) {
   };
 }
 
+/// The baseline must compute attention: max |standard - softmax| / max |softmax| within the
+/// type's CPU tolerance (DESIGN.md), on an odd size. Returns true when it does.
+template <class T>
+bool check_baseline(double tolerance) {
+  const int64_t B = 2, H = 3, N = 333, D = 40;
+  std::vector<T> q(B * H * N * D), k(q.size()), v(q.size()), a(q.size()), b(q.size());
+  bench::fill_uniform(q.size(), 1, [&](size_t i, float x) { q[i] = static_cast<T>(x); });
+  bench::fill_uniform(k.size(), 2, [&](size_t i, float x) { k[i] = static_cast<T>(x); });
+  bench::fill_uniform(v.size(), 3, [&](size_t i, float x) { v[i] = static_cast<T>(x); });
+  const auto in = [&](const std::vector<T>& x) { return effattn::bhsd<const T>(x.data(), B, H, N, D); };
+  standard<T>().run(in(q), in(k), in(v), effattn::bhsd(a.data(), B, H, N, D), nullptr, 0);
+  effattn::attention<effattn::Cpu>(effattn::Softmax{}, in(q), in(k), in(v), effattn::bhsd(b.data(), B, H, N, D));
+  double diff = 0, ref = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    diff = std::max(diff, std::abs(static_cast<double>(a[i]) - static_cast<double>(b[i])));
+    ref = std::max(ref, std::abs(static_cast<double>(b[i])));
+  }
+  const bool ok = diff <= tolerance * ref;
+  std::printf("standard baseline vs effattn softmax (%s): max|diff|/max|ref| = %.3g (tolerance %.0e): %s\n",
+              sizeof(T) == 4 ? "float" : "double", diff / ref, tolerance, ok ? "ok" : "FAILED");
+  return ok;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   bench::Options o = bench::Options::parse(argc, argv);
+  if (o.check) {
+    const bool f = check_baseline<float>(1e-5), d = check_baseline<double>(1e-12);
+    return f && d ? 0 : 1;
+  }
   if (o.types.empty()) o.types = {"float"};
   if (o.device.empty()) o.device = "cpu";
   std::vector<bench::Case> cases;

@@ -121,6 +121,7 @@ struct Options {
   double max_scores_mb = 4096;               // standard attention: skip when its H·N² scores exceed this
   std::string device;                        // a name for the table header; empty: the backend decides
   std::string commit;
+  bool check = false;                        // compare the standard baseline with effattn's softmax, then exit
   std::vector<char*> benchmark_argv;
 
   static std::vector<std::string> split(const std::string& s) {
@@ -141,7 +142,8 @@ struct Options {
         "  --types=float[,double|half|bf16]   element types (default float)\n"
         "  --tokens=16384            tokens per call: batch B = max(1, tokens / N)\n"
         "  --max-scores-mb=4096      skip standard attention when its H·N² score matrix exceeds this\n"
-        "  --device=NAME --commit=HASH   recorded in the JSON context for the rendered table\n",
+        "  --device=NAME --commit=HASH   recorded in the JSON context for the rendered table\n"
+        "  --check                   check the standard baseline against effattn's softmax and exit\n",
         prog);
   }
 
@@ -163,6 +165,7 @@ struct Options {
       else if (key == "--max-scores-mb") o.max_scores_mb = std::stod(value);
       else if (key == "--device") o.device = value;
       else if (key == "--commit") o.commit = value;
+      else if (key == "--check") o.check = true;
       else if (key == "--help" || key == "-h") {
         usage(argv[0]);
         std::exit(0);
