@@ -176,20 +176,21 @@ void compute_z(const MatrixView<const T>& lq, const uint8_t* lq_valid, const Mat
 /// count is the truth.
 struct Plan {
   int threads = 1;
+  int64_t heads = 1;      // H, for the shared-Z prepass
   int64_t chunk = 1;      // (b, h) pairs per chunk
   int64_t tiles = 1;      // query tiles per head
   size_t shared_z = 0;    // [H, M, M] when proxies are shared by the batch
-  size_t per_head = 0;    // kept for phase 2: Lk (Nyström), W, key-landmark validity
+  size_t per_head = 0;    // kept from phase 1 to phase 2: W, and for Nyström Lk and its validity
   size_t prepass = 0;     // per thread, computing the shared Z
-  size_t phase1 = 0;      // per thread: landmarks, K3·V, Z, W
+  size_t phase1 = 0;      // per thread: Lq, K3·V, Z and their scratch
   size_t phase2 = 0;      // per thread: K1·W tiles
 
+  /// The shared Z stays; the prepass scratch and then each chunk reuse the space after it.
   size_t total() const {
     const size_t chunked = per_head * static_cast<size_t>(chunk) +
                            std::max(parallel_bytes(threads, chunk, phase1), parallel_bytes(threads, chunk * tiles, phase2));
-    return shared_z + std::max(shared_z > 0 ? parallel_bytes(threads, heads_, prepass) : 0, chunked);
+    return shared_z + std::max(shared_z > 0 ? parallel_bytes(threads, heads, prepass) : 0, chunked);
   }
-  int64_t heads_ = 1;
 };
 
 template <class T>
@@ -198,7 +199,7 @@ Plan plan(const LandmarkSpec<T>& spec, const detail::Dims& d, int threads) {
   const int64_t M = spec.M, MM = M * M;
   Plan p;
   p.threads = threads;
-  p.heads_ = d.H;
+  p.heads = d.H;
   p.chunk = std::max<int64_t>(1, std::min<int64_t>(threads, d.B * d.H));
   p.tiles = (d.Nq + Tiles::kQuery - 1) / Tiles::kQuery;
   const bool shared = spec.shared_z(), own_z = spec.invert && !shared;
