@@ -29,13 +29,6 @@ namespace favor {
 constexpr int64_t kTile = 256;  // token rows per streamed tile
 constexpr int64_t kChunk = 64;  // causal chunk; the intra-chunk part costs kChunk² (Mf + Dv) per chunk
 
-/// The map's eps (0 selects its default; trig has none).
-inline double resolve_eps(FeatureMap map, float eps) {
-  if (map == FeatureMap::trig) return 0.0;
-  if (eps != 0.0f) return eps;
-  return map == FeatureMap::positive ? 1e-6 : 1e-3;
-}
-
 inline int64_t feature_count(FeatureMap map, int64_t m) { return map == FeatureMap::trig ? 2 * m : m; }
 
 struct Sizes {
@@ -52,7 +45,6 @@ struct Scratch {
   T* feat;    // [kTile, Mf] features of a key or query tile
   T* qfeat;   // [kChunk, Mf] causal: the chunk's query features (its keys' are in feat)
   T* sq;      // [kTile] s |x|² / 2 per row
-  T* shift;   // [kTile] per-row exponent shift
   T* S;       // [Mf, Dv] sum phi(k_j) v_jᵀ
   T* z;       // [Mf] sum phi(k_j)
   T* num;     // [kTile, Dv] numerators of a query tile
@@ -68,7 +60,6 @@ struct Scratch {
     r.feat = take(kTile * s.Mf);
     r.qfeat = take(kChunk * s.Mf);
     r.sq = take(kTile);
-    r.shift = take(kTile);
     r.S = take(s.Mf * s.Dv);
     r.z = take(s.Mf);
     r.num = take(kTile * s.Dv);
@@ -166,15 +157,16 @@ class Runner {
   int64_t features(bool keys, int64_t r0, int64_t n, RowMap& f) {
     project(keys ? p_.k : p_.q, r0, n, f);
     auto u = f.leftCols(s_.M);
-    Column sq(sc_.sq, n), shift(sc_.shift, n);
+    const Column sq(sc_.sq, n);
     switch (p_.map) {
       case FeatureMap::positive:
         // exp(u - |x'|²/2 - max) + eps, max = the row's (queries) or the (b, h) key max.
-        if (keys)
-          shift.setConstant(key_shift_);
-        else
-          shift = u.rowwise().maxCoeff().array();
-        u.array() = (u.array().colwise() - (sq + shift)).exp() + p_.eps;
+        // Row by row: contiguous, so Eigen vectorizes the exp.
+        for (int64_t r = 0; r < n; ++r) {
+          auto row = f.row(r).head(s_.M).array();
+          const T mx = keys ? key_shift_ : row.maxCoeff();
+          row = (row - (sq(r) + mx)).exp() + p_.eps;
+        }
         break;
       case FeatureMap::relu:
         u.array() = u.array().max(T(0)) + p_.eps;
@@ -183,10 +175,8 @@ class Runner {
         // exp(|x'|²/2 - c) [cos u, sin u]; queries use c = |q'|²/2 (the factor cancels).
         f.rightCols(s_.M).array() = u.array().sin();
         u.array() = u.array().cos();
-        if (keys) {
-          shift = (sq - key_shift_).exp();
-          f.array().colwise() *= shift;
-        }
+        if (keys)
+          for (int64_t r = 0; r < n; ++r) f.row(r) *= std::exp(sq(r) - key_shift_);
         break;
     }
     if (!keys) return n;
@@ -307,17 +297,9 @@ struct Operator<Cpu, Favor> {
     cpu::require_cpu_type<T>();
     constexpr const char* where = "effattn::attention<Cpu>(Favor)";
     const detail::Dims d = detail::check_attention(where, q, k, v, out, masks);
+    const double scale = detail::check_favor(where, m, d);
     const Tensor<const float>& proj = m.projection;
-    require_projection(where, proj, d);
     detail::require(!detail::overlaps(proj, out), where, ": out overlaps projection in memory");
-    const double scale = detail::resolve_scale(where, m.scale, d.D);
-    detail::require(scale > 0, where, ": scale = ", m.scale, " must be positive (FAVOR uses sqrt(scale))");
-    detail::require(m.map == FeatureMap::positive || m.map == FeatureMap::relu || m.map == FeatureMap::trig, where,
-                    ": map = ", static_cast<int>(m.map), " is not a FeatureMap");
-    detail::require(std::isfinite(m.eps) && m.eps >= 0, where, ": eps = ", m.eps,
-                    " must be finite and >= 0 (0 selects the map's default)");
-    detail::require(m.map != FeatureMap::trig || m.eps == 0, where, ": eps = ", m.eps,
-                    " has no meaning for FeatureMap::trig (leave it 0)");
 
     const cpu::favor::Sizes s = sizes(m, d.D, d.Dv);
     const int threads = cpu::thread_count(exec);
@@ -326,7 +308,7 @@ struct Operator<Cpu, Favor> {
     detail::HostWorkspace ws(exec.workspace, exec.workspace_size, cpu::parallel_bytes(threads, items, per_thread));
     detail::Arena arena = ws.arena();
     const double sqrt_scale = std::sqrt(scale);
-    const T eps = static_cast<T>(cpu::favor::resolve_eps(m.map, m.eps));
+    const T eps = static_cast<T>(detail::favor_eps(m.map, m.eps));
     cpu::parallel_for(threads, items, arena, per_thread, [&](int64_t item, detail::Arena scratch) {
       const int64_t b = item / d.H, h = item % d.H, hk = h / d.group();
       cpu::favor::Head<T> p;
@@ -348,17 +330,6 @@ struct Operator<Cpu, Favor> {
     });
   }
 
- private:
-  static void require_projection(const char* where, const Tensor<const float>& p, const detail::Dims& d) {
-    detail::require(p.shape[2] >= 1, where, ": projection.shape[2] (features M) = ", p.shape[2], " must be >= 1");
-    detail::check_view(where, "projection", p);
-    detail::require(p.shape[0] == 1, where, ": projection.shape[0] = ", p.shape[0], " must be 1 (shape ",
-                    detail::shape_str(p), ")");
-    detail::require(p.shape[1] == 1 || p.shape[1] == d.H, where, ": projection has ", p.shape[1],
-                    " heads; it must have 1 or H = ", d.H, " (shape ", detail::shape_str(p), ")");
-    detail::require(p.shape[3] == d.D, where, ": projection.shape[3] = ", p.shape[3],
-                    " must equal the head dim of q, D = ", d.D);
-  }
 };
 
 }  // namespace effattn
