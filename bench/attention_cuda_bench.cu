@@ -312,6 +312,38 @@ std::function<void(benchmark::State&)> make_body(const bench::Case& c, const ben
   };
 }
 
+/// The baseline must compute attention: compared with effattn's softmax on an odd size, within a
+/// sanity bound of the type (a wrong baseline is off by O(1)). Returns true when it is.
+template <class T>
+bool check_baseline(const char* type, double bound) {
+#if EFFATTN_BENCH_HAVE_CUDA_API && EFFATTN_BENCH_CUDA_SOFTMAX
+  const int64_t B = 2, H = 3, N = 333, D = 64;
+  const size_t n = static_cast<size_t>(B * H * N * D);
+  auto q = random_device<T>(n, 1), k = random_device<T>(n, 2), v = random_device<T>(n, 3);
+  DeviceBuffer<T> a(n), b(n);
+  const auto in = [&](const DeviceBuffer<T>& x) { return effattn::bhsd<const T>(x.ptr, B, H, N, D); };
+  standard<T>().run(in(*q), in(*k), in(*v), effattn::bhsd(a.ptr, B, H, N, D), nullptr, nullptr, 0);
+  library<T>(effattn::Softmax{}).run(in(*q), in(*k), in(*v), effattn::bhsd(b.ptr, B, H, N, D), nullptr, nullptr, 0);
+  check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  std::vector<T> ha(n), hb(n);
+  check(cudaMemcpy(ha.data(), a.ptr, n * sizeof(T), cudaMemcpyDeviceToHost), "cudaMemcpy");
+  check(cudaMemcpy(hb.data(), b.ptr, n * sizeof(T), cudaMemcpyDeviceToHost), "cudaMemcpy");
+  double diff = 0, ref = 0;
+  for (size_t i = 0; i < n; ++i) {
+    diff = std::max(diff, std::abs(static_cast<double>(static_cast<float>(ha[i])) - static_cast<float>(hb[i])));
+    ref = std::max(ref, std::abs(static_cast<double>(static_cast<float>(hb[i]))));
+  }
+  const bool ok = diff <= bound * ref;
+  std::printf("standard baseline (cuBLAS) vs effattn softmax (%s): max|diff|/max|ref| = %.3g (bound %.0e): %s\n",
+              type, diff / ref, bound, ok ? "ok" : "FAILED");
+  return ok;
+#else
+  std::printf("standard baseline check (%s): effattn's CUDA softmax is not in this build\n", type);
+  (void)bound;
+  return true;
+#endif
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -323,6 +355,11 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "attention_cuda_bench: no CUDA device (%s); nothing to run\n",
                  e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
     return 3;
+  }
+  if (o.check) {
+    const bool f = check_baseline<float>("float", 1e-3), h = check_baseline<__half>("half", 2e-2),
+               b = check_baseline<__nv_bfloat16>("bf16", 5e-2);
+    return f && h && b ? 0 : 1;
   }
   if (o.device.empty()) {
     cudaDeviceProp prop;
