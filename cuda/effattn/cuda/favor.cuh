@@ -120,6 +120,7 @@ __device__ void project(Tile<D>& t, const Params<T>& p, const float* w_head, int
     float acc = 0.0f;
     if (p0 + f < p.features) {
       const float* w = w_head + (p0 + f) * p.proj_row;
+#pragma unroll 8
       for (int c = 0; c < D; ++c) acc = fmaf(t.x[r][c], __ldg(w + c * p.proj_col), acc);
     }
     t.u[r][f] = acc * p.sqrt_scale;
@@ -253,6 +254,7 @@ __global__ void __launch_bounds__(kThreads) favor_keys_kernel(const Params<T> p)
     __syncthreads();
     key_features(t, p, block, run_max, 0.0f);
     __syncthreads();
+#pragma unroll 1
     for (int j = 0; j < n; ++j) {
       if (!t.ok[j]) continue;
       const T* const vrow = v + (j0 + j) * p.vs.row + lane;
@@ -410,6 +412,7 @@ template <int D, class T>
 __device__ void add_to_state(const Tile<D>& t, int64_t n, const T* v, int64_t v_row, int64_t j0, float* s, float* z) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float acc[kWarpRows][D / 32] = {}, zacc[kWarpRows] = {};
+#pragma unroll 1
   for (int j = 0; j < n; ++j) {
     if (!t.ok[j]) continue;
     const T* const vrow = v + (j0 + j) * v_row + lane;
