@@ -276,6 +276,17 @@ def render(rows, contexts, command=None):
     return "\n".join(out) + "\n"
 
 
+# A method and its peer share a colour (the peer's line is dashed).
+COLORS = {"standard": "C0", "torch-standard": "C0", "softmax": "C1", "torch-sdpa": "C1", "nystrom": "C2",
+          "nystrom-attention": "C2", "proxy": "C3", "favor": "C4", "performer": "C4"}
+
+
+def color_of(method, index):
+    base = method[: -len("-causal")] if method.endswith("-causal") else method
+    family = base.rstrip("0123456789").rstrip("-")
+    return COLORS.get(family, f"C{5 + index % 5}")
+
+
 def plot(rows, path):
     try:
         import matplotlib
@@ -297,7 +308,7 @@ def plot(rows, path):
             if not pts:
                 continue
             peer = any(r["source"] > 0 for _, r in pts)  # rows from a second JSON (run_peers.py): dashed
-            style = dict(marker="o", linestyle="--" if peer else "-", color=f"C{i % 10}", label=m)
+            style = dict(marker="o", linestyle="--" if peer else "-", color=color_of(m, i), label=m)
             ax_t.plot([n for n, _ in pts], [1e3 / r["ms_per_seq"] for _, r in pts], **style)
             mem = [(n, r["mb_per_seq"]) for n, r in pts if r["mb_per_seq"]]
             if mem:
