@@ -30,6 +30,7 @@ constexpr int kMeanThreads = 128;
 constexpr int kThreads = 256;          // pinv and apply CTAs
 constexpr int64_t kPinvBlocks = 512;   // pinv CTAs at most; each owns 4 M² of scratch
 constexpr int64_t kMaxLandmarks = 256;
+constexpr int kMaxHeadDim = 256;  // the tile kernel's largest head dim
 
 /// means[b, h, i, :] = mean of the valid rows of segment i of x[b, h / src_group]; segment i of
 /// n rows is [floor(i n / m), floor((i + 1) n / m)). A segment with no valid row gives zeros and
@@ -64,7 +65,7 @@ __global__ void __launch_bounds__(kMeanThreads)
 /// 4×4 outputs per thread, 16-deep shared slabs. C must not alias A or B. Ends with a barrier,
 /// so the CTA may read C next.
 template <class TC>
-__device__ void block_gemm(TC* c, int64_t ldc, const float* a, int64_t lda, const float* b, int64_t ldb,
+__device__ __noinline__ void block_gemm(TC* c, int64_t ldc, const float* a, int64_t lda, const float* b, int64_t ldb,
                            int64_t rows, int64_t cols, int64_t inner, float diag, float alpha) {
   __shared__ float as[16][64 + 4];  // as[k][row]
   __shared__ float bs[16][64 + 4];  // bs[k][col]
@@ -128,6 +129,7 @@ template <class TL>
 __global__ void __launch_bounds__(kThreads)
     pinv_kernel(const TL* lq, RowStrides lqs, const TL* lk, RowStrides lks, const PinvParams p) {
   __shared__ float red[kThreads / 32];
+  __shared__ float lk_tile[32][kMaxHeadDim + 1];
   const int64_t m = p.m, mm = m * m;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* const k2 = p.scratch + blockIdx.x * 4 * mm;
@@ -142,21 +144,34 @@ __global__ void __launch_bounds__(kThreads)
     const TL* const k = lk + b * lks.batch + h * lks.head;
     float* const z = p.z + item * mm;
 
-    // K2, a warp per row, a lane per column (c = lane + 32 i).
-    for (int64_t r = warp; r < m; r += kThreads / 32) {
-      const bool row_kept = p.lq_valid == nullptr || p.lq_valid[b * m + r] != 0;
-      float* const row = k2 + r * m;
-      float mx = kNegInf;
-      for (int64_t c = lane; c < m; c += 32) {
+    // Logits of K2 into its rows, 32 key landmarks at a time staged in shared memory (lane c of
+    // a warp reads landmark c, conflict-free); a warp per query landmark row.
+    for (int64_t c0 = 0; c0 < m; c0 += 32) {
+      const int64_t nc = m - c0 < 32 ? m - c0 : 32;
+      for (int64_t e = threadIdx.x; e < 32 * p.d; e += kThreads) {
+        const int64_t c = e / p.d, col = e % p.d;
+        lk_tile[c][col] = c < nc ? to_float(k[(c0 + c) * lks.row + col]) : 0.0f;
+      }
+      __syncthreads();
+      for (int64_t r = warp; r < m; r += kThreads / 32) {
+        const int64_t c = c0 + lane;
+        if (c >= m) continue;
         float logit = kNegInf;
-        if (row_kept && (p.lk_valid == nullptr || p.lk_valid[b * m + c] != 0)) {
+        if ((p.lq_valid == nullptr || p.lq_valid[b * m + r] != 0) &&
+            (p.lk_valid == nullptr || p.lk_valid[b * m + c] != 0)) {
           float dot = 0.0f;
-          for (int64_t e = 0; e < p.d; ++e) dot = fmaf(to_float(q[r * lqs.row + e]), to_float(k[c * lks.row + e]), dot);
+          for (int64_t e = 0; e < p.d; ++e) dot = fmaf(to_float(q[r * lqs.row + e]), lk_tile[lane][e], dot);
           logit = dot * p.scale;
         }
-        row[c] = logit;
-        mx = fmaxf(mx, logit);
+        k2[r * m + c] = logit;
       }
+      __syncthreads();  // the tile is restaged next
+    }
+    // Softmax of each row with its column dropout, by the lanes that wrote it (c % 32 == lane).
+    for (int64_t r = warp; r < m; r += kThreads / 32) {
+      float* const row = k2 + r * m;
+      float mx = kNegInf;
+      for (int64_t c = lane; c < m; c += 32) mx = fmaxf(mx, row[c]);
       for (int o = 16; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
       float sum = 0.0f;
       for (int64_t c = lane; c < m; c += 32) {
@@ -302,6 +317,7 @@ void landmark_attention(const char* where, const LandmarkCall<T, TL>& c, const d
   using namespace landmark;
   detail::require(c.M >= 1 && c.M <= kMaxLandmarks, where, ": ", c.M, " landmarks; the CUDA backend supports 1 to ",
                   kMaxLandmarks);
+  detail::require(d.D <= kMaxHeadDim, where, ": head dim ", d.D, " above ", kMaxHeadDim);
   cudaStream_t stream = exec.stream;
   DeviceWorkspace ws(exec, landmark_workspace_bytes(c, d));
   detail::Arena arena = ws.arena();
