@@ -33,6 +33,7 @@ inline int64_t feature_count(FeatureMap map, int64_t m) { return map == FeatureM
 
 struct Sizes {
   int64_t M, Mf, D, Dv;  // projection rows, features (2M for trig), head dims
+  bool causal;
 };
 
 /// Per-thread scratch. carve() is the only layout: with a counting `take` it sizes the workspace,
@@ -58,13 +59,13 @@ struct Scratch {
     r.x = take(kTile * s.D);
     r.v = take(kTile * s.Dv);
     r.feat = take(kTile * s.Mf);
-    r.qfeat = take(kChunk * s.Mf);
+    r.qfeat = take(s.causal ? kChunk * s.Mf : 0);
     r.sq = take(kTile);
     r.S = take(s.Mf * s.Dv);
     r.z = take(s.Mf);
     r.num = take(kTile * s.Dv);
     r.den = take(kTile);
-    r.scores = take(kChunk * kChunk);
+    r.scores = take(s.causal ? kChunk * kChunk : 0);
     return r;
   }
 
@@ -280,7 +281,7 @@ template <>
 struct Operator<Cpu, Favor> {
   static cpu::favor::Sizes sizes(const Favor& m, int64_t D, int64_t Dv) {
     const int64_t M = std::max<int64_t>(0, m.projection.shape[2]);
-    return {M, cpu::favor::feature_count(m.map, M), D, Dv};
+    return {M, cpu::favor::feature_count(m.map, M), D, Dv, m.causal};
   }
 
   template <class T>
