@@ -196,7 +196,8 @@ int main(int argc, char** argv) {
            std::to_string(L) + ", d = " + std::to_string(d) +
            ", q and k entries N(0, " + std::to_string(input_std) +
            "²), scale 1/sqrt(d), chi row norms, positive features with eps = 1e-30. Produced by "
-           "`favor_error_study" + std::string(L == 4096 && d == 16 ? " --full" : "") + "`.\n\n| M |";
+           "`favor_error_study" + std::string(L == 4096 && d == 16 ? " --full" : "") +
+           (o.input_std > 0 ? " --input-std " + std::to_string(o.input_std) : std::string()) + "`.\n\n| M |";
   for (const Variant& var : kVariants) table += std::string(" ") + var.name + " |";
   table += "\n|---:|";
   for (int vi = 0; vi < kNumVariants; ++vi) table += "---:|";

@@ -206,9 +206,11 @@ class Runner {
   void write_rows(int64_t i0, int64_t n) {
     const RowMap num(sc_.num, n, s_.Dv, Eigen::OuterStride<>(s_.Dv));
     for (int64_t r = 0; r < n; ++r) {
+      // den > 0 for positive and relu whenever a key is visible (eps); a trig normalizer can
+      // cancel to (near) zero, and 1/den must stay finite.
       const T d = sc_.den[r];
-      const bool live = query_ok(i0 + r) && d != T(0);
-      const T inv = live ? T(1) / d : T(0);
+      const T inv = d != T(0) ? T(1) / d : T(0);
+      const bool live = query_ok(i0 + r) && d != T(0) && std::isfinite(inv);
       for (int64_t c = 0; c < s_.Dv; ++c) p_.out(i0 + r, c) = live ? num(r, c) * inv : T(0);
     }
   }
