@@ -12,10 +12,9 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
-#include <effattn/cuda.cuh>
-
 #include <cmath>
 #include <cstdio>
+#include <effattn/cuda.cuh>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -37,7 +36,8 @@ void check(cublasStatus_t status, const char* what) {
 int blocks(int64_t n, int threads) { return int(std::min<int64_t>((n + threads - 1) / threads, 65535)); }
 
 // x[t, i] = table[token t, i] + sinusoidal position of t within its sequence (as the CPU program).
-__global__ void embed_kernel(const int32_t* tokens, const float* table, float* x, int64_t total, int64_t length, int E) {
+__global__ void embed_kernel(const int32_t* tokens, const float* table, float* x, int64_t total, int64_t length,
+                             int E) {
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = e / E;
     const int i = int(e % E);
@@ -52,7 +52,8 @@ __device__ float warp_sum(float v) {
 }
 
 // One warp per row of E values.
-__global__ void layer_norm_kernel(const float* x, float* y, const float* gamma, const float* beta, int64_t rows, int E) {
+__global__ void layer_norm_kernel(const float* x, float* y, const float* gamma, const float* beta, int64_t rows,
+                                  int E) {
   const int64_t row = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
@@ -100,7 +101,9 @@ class DeviceBuffer {
     size_ = bytes;
   }
   template <class T>
-  T* as() const { return static_cast<T*>(p_); }
+  T* as() const {
+    return static_cast<T*>(p_);
+  }
   size_t size() const { return size_; }
 
  private:
@@ -144,9 +147,11 @@ class CudaEncoder {
     float* pooled = ffn + T * F;
     float* out = pooled + batch * E;
 
-    check(cudaMemcpyAsync(tokens_.as<int32_t>(), tokens.data(), sizeof(int32_t) * size_t(T), cudaMemcpyHostToDevice, stream_),
+    check(cudaMemcpyAsync(tokens_.as<int32_t>(), tokens.data(), sizeof(int32_t) * size_t(T), cudaMemcpyHostToDevice,
+                          stream_),
           "upload tokens");
-    embed_kernel<<<blocks(T * E, 256), 256, 0, stream_>>>(tokens_.as<int32_t>(), param("embed.tokens"), x, T * E, length, int(E));
+    embed_kernel<<<blocks(T * E, 256), 256, 0, stream_>>>(tokens_.as<int32_t>(), param("embed.tokens"), x, T * E,
+                                                          length, int(E));
     for (int l = 0; l < c_.layers; ++l) {
       const std::string p = "layer" + std::to_string(l) + ".";
       layer_norm(p + "ln1", x, h, T);
@@ -178,7 +183,7 @@ class CudaEncoder {
 
   void layer_norm(const std::string& name, const float* x, float* y, int64_t rows) {
     layer_norm_kernel<<<blocks(rows, 8), 256, 0, stream_>>>(x, y, param(name + ".gamma"), param(name + ".beta"), rows,
-                                                           c_.embed);
+                                                            c_.embed);
   }
 
   // Row-major y [rows, out] (=|+=) x [rows, in] W [in, out] + b, optionally through GELU. cuBLAS is

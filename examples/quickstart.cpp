@@ -7,18 +7,17 @@
 //   ./build/examples/quickstart            # sequence length 2048
 //   ./build/examples/quickstart 8192       # another length
 // The same on a GPU: examples/quickstart_cuda.cu (built when CUDA is found).
-#include <effattn/effattn.hpp>
+#include "quickstart.hpp"
 
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-
-#include "quickstart.hpp"
+#include <effattn/effattn.hpp>
 
 int main(int argc, char** argv) {
   const int64_t N = quickstart::parse_length(argc, argv, "quickstart");  // tokens per sequence
   if (N < 0) return 2;
-  const int64_t B = 1, H = 4, D = 64;  // batch, heads, head dim
+  const int64_t B = 1, H = 4, D = 64;          // batch, heads, head dim
   const int64_t M = std::min<int64_t>(64, N);  // landmarks and proxies
   const int features = 256;                    // FAVOR+ random features
 

@@ -18,7 +18,8 @@ inline int64_t parse_length(int argc, char** argv, const char* prog) {
   char* end = nullptr;
   if (argc == 2) n = std::strtoll(argv[1], &end, 10);
   if (argc > 2 || (argc == 2 && (*argv[1] == '\0' || *end != '\0' || n < 1 || n > 65536))) {
-    std::fprintf(stderr, "%s: bad arguments\nusage: %s [N]   (N: sequence length, 1..65536, default 2048)\n", prog, prog);
+    std::fprintf(stderr, "%s: bad arguments\nusage: %s [N]   (N: sequence length, 1..65536, default 2048)\n", prog,
+                 prog);
     return -1;
   }
   return n;

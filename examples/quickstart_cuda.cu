@@ -9,11 +9,10 @@
 //   ./build/examples/quickstart_cuda [N]   # exits 77 with a message when there is no GPU
 #include <cuda_runtime.h>
 
-#include <effattn/cuda.cuh>
-#include <effattn/favor_projection.hpp>
-
 #include <cmath>
 #include <cstdio>
+#include <effattn/cuda.cuh>
+#include <effattn/favor_projection.hpp>
 #include <stdexcept>
 #include <string>
 
@@ -101,7 +100,8 @@ int main(int argc, char** argv) {
       effattn::attention<effattn::Cuda>(method, Q, K, V, effattn::bhsd(dout.p, B, H, N, D), {}, exec);
       check(cudaEventRecord(stop, stream), "cudaEventRecord");
       std::vector<float> out(q.size());
-      check(cudaMemcpyAsync(out.data(), dout.p, out.size() * sizeof(float), cudaMemcpyDeviceToHost, stream), "copy out");
+      check(cudaMemcpyAsync(out.data(), dout.p, out.size() * sizeof(float), cudaMemcpyDeviceToHost, stream),
+            "copy out");
       check(cudaStreamSynchronize(stream), "attention");
       float ms = 0;
       check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
@@ -134,7 +134,8 @@ int main(int argc, char** argv) {
     proxy.proxy_k = effattn::bhsd<const float>(pk.p, 1, H, M, D);
     run("proxy, 64 tokens sampled from Q/K", proxy);
 
-    std::printf("rel. error = max |out - exact| / max |exact|; ms = one call (CUDA events).\n%s", quickstart::kFavorNote);
+    std::printf("rel. error = max |out - exact| / max |exact|; ms = one call (CUDA events).\n%s",
+                quickstart::kFavorNote);
     cudaEventDestroy(start);
     cudaEventDestroy(stop);
     cudaStreamDestroy(stream);

@@ -3,7 +3,6 @@
 // the backend reads (host for Cpu, device for Cuda).
 #pragma once
 #include <effattn/core.hpp>
-
 #include <string>
 
 #include "lra/options.hpp"

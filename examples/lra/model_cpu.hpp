@@ -2,12 +2,12 @@
 // effattn::attention<Cpu> for the attention, reading q, k and v in place from the fused QKV
 // projection through strided views.
 #pragma once
-#include <effattn/effattn.hpp>
-
 #include <Eigen/Dense>
 #include <cmath>
 #include <cstdlib>
+#include <effattn/effattn.hpp>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "lra/methods.hpp"
@@ -58,14 +58,14 @@ class CpuEncoder {
       const std::string p = "layer" + std::to_string(l) + ".";
       // x = x + Wo Attn(LN1(x))
       layer_norm(p + "ln1", x, h, T);
-      dense(p + "attn.wqkv", p + "attn.bqkv", h, qkv, T) ;
+      dense(p + "attn.wqkv", p + "attn.bqkv", h, qkv, T);
       attend(l, qkv, att, batch, length);
       dense_residual(p + "attn.wo", p + "attn.bo", att, x, T);
       // x = x + W2 GELU(W1 LN2(x))
       layer_norm(p + "ln2", x, h, T);
       dense(p + "ffn.w1", p + "ffn.b1", h, ffn, T);
-      for_rows(T, [&](int64_t r) {
-        for (int64_t i = r * F; i < (r + 1) * F; ++i) ffn[i] = 0.5f * ffn[i] * (1.0f + std::erf(ffn[i] * float(M_SQRT1_2)));
+      for_rows(T, [&](int64_t r) {  // GELU, exact (erf) form
+        for (float* z = ffn + r * F; z < ffn + (r + 1) * F; ++z) *z = 0.5f * *z * (1.0f + std::erf(*z * 0.70710678f));
       });
       dense_residual(p + "ffn.w2", p + "ffn.b2", ffn, x, T);
     }

@@ -17,10 +17,14 @@ enum class Attention { softmax, nystrom, favor, proxy };
 
 inline const char* attention_name(Attention a) {
   switch (a) {
-    case Attention::softmax: return "softmax";
-    case Attention::nystrom: return "nystrom";
-    case Attention::favor: return "favor";
-    case Attention::proxy: return "proxy";
+    case Attention::softmax:
+      return "softmax";
+    case Attention::nystrom:
+      return "nystrom";
+    case Attention::favor:
+      return "favor";
+    case Attention::proxy:
+      return "proxy";
   }
   return "?";
 }
@@ -81,8 +85,8 @@ inline long long parse_int(const std::string& flag, const std::string& text, lon
   errno = 0;
   const long long v = std::strtoll(digits.c_str(), &end, 10);
   if (digits.empty() || *end != '\0' || errno != 0 || v > hi / unit || v * unit < lo)
-    throw UsageError(flag + " " + text + ": expected an integer in [" + std::to_string(lo) + ", " +
-                     std::to_string(hi) + "]");
+    throw UsageError(flag + " " + text + ": expected an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) +
+                     "]");
   return v * unit;
 }
 
@@ -119,7 +123,8 @@ inline Options parse_options(int argc, char** argv) {
     const std::string value = argv[++i];
     if (flag == "--attention") {
       const Attention all[] = {Attention::softmax, Attention::nystrom, Attention::favor, Attention::proxy};
-      const auto it = std::find_if(std::begin(all), std::end(all), [&](Attention a) { return value == attention_name(a); });
+      const auto it =
+          std::find_if(std::begin(all), std::end(all), [&](Attention a) { return value == attention_name(a); });
       if (it == std::end(all)) throw UsageError("--attention " + value + ": expected softmax, nystrom, favor or proxy");
       o.attention = *it;
     } else if (flag == "--landmarks" || flag == "--features" || flag == "--proxies") {
@@ -175,7 +180,8 @@ void run_lengths(const Options& o, Model& model) {
   std::printf("%8s %12s %12s %18s\n", "length", "seq/s", "ms/batch", "memory/seq (MiB)");
   std::vector<float> logits, first_logits;
   for (const int64_t n : o.lengths) {
-    const std::vector<int32_t> tokens = random_tokens(o.input_seed ^ static_cast<uint64_t>(n), o.batch, n, model.vocab());
+    const std::vector<int32_t> tokens =
+        random_tokens(o.input_seed ^ static_cast<uint64_t>(n), o.batch, n, model.vocab());
     model.forward(tokens, o.batch, n, logits);  // warm-up: first-touch of buffers, thread start
     if (first_logits.empty()) first_logits = logits;
     int64_t passes = 0;

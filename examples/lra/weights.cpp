@@ -2,10 +2,9 @@
 // that the CUDA program links it without compiling Eigen under nvcc.
 #include "lra/weights.hpp"
 
-#include <effattn/favor_projection.hpp>
-
 #include <cmath>
 #include <cstring>
+#include <effattn/favor_projection.hpp>
 #include <fstream>
 #include <random>
 
@@ -93,8 +92,8 @@ const Param& Weights::get(const std::string& name, const Shape& shape) const {
   const auto it = tensors.find(name);
   if (it == tensors.end()) throw WeightsError("weights: tensor " + name + " is missing");
   if (it->second.shape != shape)
-    throw WeightsError("weights: tensor " + name + " has shape " + shape_str(it->second.shape) + " but the model needs " +
-                       shape_str(shape));
+    throw WeightsError("weights: tensor " + name + " has shape " + shape_str(it->second.shape) +
+                       " but the model needs " + shape_str(shape));
   return it->second;
 }
 
@@ -194,16 +193,18 @@ Weights load_weights(const std::string& path, Attention a, int m) {
   int* fields[6] = {&c.vocab, &c.embed, &c.hidden, &c.heads, &c.layers, &c.classes};
   for (int i = 0; i < 6; ++i) {
     const uint32_t v = in.u32("the header");
-    if (v < 1 || v > kMaxSize) throw WeightsError(path + ": " + names[i] + " = " + std::to_string(v) + " is out of range");
+    if (v < 1 || v > kMaxSize)
+      throw WeightsError(path + ": " + names[i] + " = " + std::to_string(v) + " is out of range");
     *fields[i] = static_cast<int>(v);
   }
   if (c.embed % c.heads != 0)
-    throw WeightsError(path + ": embed = " + std::to_string(c.embed) + " is not a multiple of heads = " +
-                       std::to_string(c.heads));
+    throw WeightsError(path + ": embed = " + std::to_string(c.embed) +
+                       " is not a multiple of heads = " + std::to_string(c.heads));
   const uint32_t count = in.u32("the header");
   for (uint32_t t = 0; t < count; ++t) {
     const uint32_t name_length = in.u32("a tensor name");
-    if (name_length < 1 || name_length > 256) throw WeightsError(path + ": tensor " + std::to_string(t) + " has a bad name length");
+    if (name_length < 1 || name_length > 256)
+      throw WeightsError(path + ": tensor " + std::to_string(t) + " has a bad name length");
     std::string name(name_length, '\0');
     in.bytes(name.data(), name_length, "a tensor name");
     const uint32_t rank = in.u32("a tensor shape");
@@ -222,16 +223,17 @@ Weights load_weights(const std::string& path, Attention a, int m) {
     in.bytes(p.data.data(), n * int64_t(sizeof(float)), ("tensor " + name).c_str());
     if (!w.tensors.emplace(name, std::move(p)).second) throw WeightsError(path + ": tensor " + name + " appears twice");
   }
-  if (in.remaining() != 0) throw WeightsError(path + ": " + std::to_string(in.remaining()) + " bytes after the last tensor");
+  if (in.remaining() != 0)
+    throw WeightsError(path + ": " + std::to_string(in.remaining()) + " bytes after the last tensor");
   for (const auto& [name, shape] : expected_tensors(c, a, m)) {
     try {
       w.get(name, shape);
     } catch (const WeightsError& e) {
-      throw WeightsError(path + ": " + e.what() +
-                         (name.find("attn.proxy") != std::string::npos || name.find("favor") != std::string::npos
-                              ? " (for --attention " + std::string(attention_name(a)) + " with --landmarks " +
-                                    std::to_string(m) + ")"
-                              : ""));
+      throw WeightsError(
+          path + ": " + e.what() +
+          (name.find("attn.proxy") != std::string::npos || name.find("favor") != std::string::npos
+               ? " (for --attention " + std::string(attention_name(a)) + " with --landmarks " + std::to_string(m) + ")"
+               : ""));
     }
   }
   return w;
