@@ -9,12 +9,11 @@
 // What it shows: on smooth inputs the error falls with M once the pseudo-inverse has converged
 // (20 iterations); at the default 6 iterations the unconverged pinv dominates. On i.i.d. random
 // inputs attention is not low-rank and Nyström is no approximation at all (error ~ 1 or more).
-#include <effattn/effattn.hpp>
-
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <effattn/effattn.hpp>
 #include <random>
 #include <string>
 #include <vector>
@@ -50,12 +49,18 @@ bool parse(int argc, char** argv, Options& o) {
     char* end = nullptr;
     const long long value = std::strtoll(argv[++i], &end, 10);
     if (*end != '\0') return false;
-    if (a == "--n" && value >= 1) o.n = value;
-    else if (a == "--d" && value >= 1) o.d = value;
-    else if (a == "--heads" && value >= 1) o.heads = value;
-    else if (a == "--iterations" && value >= 0) o.iterations = {static_cast<int>(value)};
-    else if (a == "--seed" && value >= 0) o.seed = static_cast<uint64_t>(value);
-    else return false;
+    if (a == "--n" && value >= 1)
+      o.n = value;
+    else if (a == "--d" && value >= 1)
+      o.d = value;
+    else if (a == "--heads" && value >= 1)
+      o.heads = value;
+    else if (a == "--iterations" && value >= 0)
+      o.iterations = {static_cast<int>(value)};
+    else if (a == "--seed" && value >= 0)
+      o.seed = static_cast<uint64_t>(value);
+    else
+      return false;
   }
   return true;
 }
@@ -82,7 +87,8 @@ std::vector<double> smooth_tokens(const Options& o, std::mt19937_64& g) {
     for (int64_t i = 0; i < o.n; ++i)
       for (int64_t c = 0; c < o.d; ++c) {
         double s = 0;
-        for (int r = 0; r < rank; ++r) s += std::sin(2 * M_PI * f[r] * double(i) / double(o.n) + phi[r]) * w[r * o.d + c];
+        for (int r = 0; r < rank; ++r)
+          s += std::sin(2 * M_PI * f[r] * double(i) / double(o.n) + phi[r]) * w[r * o.d + c];
         x[static_cast<size_t>((h * o.n + i) * o.d + c)] = s + 0.05 * nd(g);
       }
   }
@@ -128,14 +134,17 @@ int main(int argc, char** argv) {
     in.exact.resize(in.q.size());
   }
   const auto view = [&](std::vector<double>& x) { return effattn::bhsd(x.data(), 1, o.heads, o.n, o.d); };
-  const auto cview = [&](std::vector<double>& x) { return effattn::bhsd<const double>(x.data(), 1, o.heads, o.n, o.d); };
+  const auto cview = [&](std::vector<double>& x) {
+    return effattn::bhsd<const double>(x.data(), 1, o.heads, o.n, o.d);
+  };
   try {
     for (Input& in : inputs)
       effattn::attention<effattn::Cpu>(effattn::Softmax{}, cview(in.q), cview(in.k), cview(in.v), view(in.exact));
 
     for (int iterations : o.iterations) {
-      std::printf("Nystrom-M vs exact softmax attention (double), N = %lld, D = %lld, heads = %lld, pinv_iterations = %d\n",
-                  static_cast<long long>(o.n), static_cast<long long>(o.d), static_cast<long long>(o.heads), iterations);
+      std::printf(
+          "Nystrom-M vs exact softmax attention (double), N = %lld, D = %lld, heads = %lld, pinv_iterations = %d\n",
+          static_cast<long long>(o.n), static_cast<long long>(o.d), static_cast<long long>(o.heads), iterations);
       std::printf("error = max|out - exact| / max|exact|  (Frobenius: ||out - exact|| / ||exact||)\n\n");
       std::printf("|    M | random: max rel | random: Frobenius | smooth: max rel | smooth: Frobenius |\n");
       std::printf("|-----:|----------------:|------------------:|----------------:|------------------:|\n");

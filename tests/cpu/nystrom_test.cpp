@@ -2,7 +2,6 @@
 // N divisible by M or not, masks with fully masked sequences, grouped heads, strided views,
 // Dv != D, the exact-softmax fallback, and every error path.
 #include <effattn/effattn.hpp>
-
 #include <type_traits>
 
 #include "reference/landmark.hpp"
@@ -32,8 +31,8 @@ template <class T>
 void run_case(const Case& c, int threads = 0) {
   SCOPED_TRACE(describe(c));
   EFFATTN_TRACE_SEED();
-  HostTensor<T> q(c.B, c.H, c.Nq, c.D, c.layout), k(c.B, c.Hk, c.Nk, c.D, c.layout),
-      v(c.B, c.Hk, c.Nk, c.Dv, c.layout), out(c.B, c.H, c.Nq, c.Dv, c.layout);
+  HostTensor<T> q(c.B, c.H, c.Nq, c.D, c.layout), k(c.B, c.Hk, c.Nk, c.D, c.layout), v(c.B, c.Hk, c.Nk, c.Dv, c.layout),
+      out(c.B, c.H, c.Nq, c.Dv, c.layout);
   q.fill_normal(1.5);
   k.fill_normal(1.5);
   v.fill_normal();
@@ -171,7 +170,8 @@ TEST(NystromCpu, WorkspaceDoesNotGrowWithSequenceLength) {
   EXPECT_EQ(bytes_at(4096, 64, 2), bytes_at(4096, 64, 16));
   // O(M·(D + Dv) + M²) per (b, h) in flight plus the tile scratch.
   const size_t m256 = bytes_at(4096, 256, 2);
-  EXPECT_LT(m256, size_t(2) * (8 * 256 * 256 + 4 * 256 * 128) * sizeof(float) + 2 * effattn::cpu::tile_scratch_bytes<float>(64, 256));
+  EXPECT_LT(m256, size_t(2) * (8 * 256 * 256 + 4 * 256 * 128) * sizeof(float) +
+                      2 * effattn::cpu::tile_scratch_bytes<float>(64, 256));
 }
 
 /// Runs f, expects effattn::Error whose message contains every fragment.

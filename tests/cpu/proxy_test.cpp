@@ -34,8 +34,8 @@ template <class T>
 void run_case(const Case& c, int threads = 0) {
   SCOPED_TRACE(describe(c));
   EFFATTN_TRACE_SEED();
-  HostTensor<T> q(c.B, c.H, c.Nq, c.D, c.layout), k(c.B, c.Hk, c.Nk, c.D, c.layout),
-      v(c.B, c.Hk, c.Nk, c.Dv, c.layout), out(c.B, c.H, c.Nq, c.Dv, c.layout);
+  HostTensor<T> q(c.B, c.H, c.Nq, c.D, c.layout), k(c.B, c.Hk, c.Nk, c.D, c.layout), v(c.B, c.Hk, c.Nk, c.Dv, c.layout),
+      out(c.B, c.H, c.Nq, c.Dv, c.layout);
   HostTensor<T> pq(c.proxy_batch_q, c.H, c.M, c.D, c.layout), pk(c.proxy_batch_k, c.H, c.M, c.D, c.layout);
   q.fill_normal(1.5);
   k.fill_normal(1.5);
@@ -49,7 +49,7 @@ void run_case(const Case& c, int threads = 0) {
   std::vector<uint8_t> qm, km;
   if (c.masks) {
     km = random_mask(c.B, c.Nk, 0.7, c.B > 1 ? c.B - 1 : -1);  // the last sequence has no valid key
-    qm = random_mask(c.B, c.Nq, 0.8, c.B > 2 ? 0 : -1);         // the first (of 3+) no valid query
+    qm = random_mask(c.B, c.Nq, 0.8, c.B > 2 ? 0 : -1);        // the first (of 3+) no valid query
     masks = {qm.data(), c.Nq, km.data(), c.Nk};
   }
   const uint64_t seed = testing_util::rng()();
@@ -131,7 +131,8 @@ TEST(ProxyCpu, SharedProxiesUseOneZPerHeadForTheBatch) {
       for (int64_t i = 0; i < N; ++i)
         for (int64_t c = 0; c < D; ++c) x.view(b, h, i, c) = one.view(0, h, i, c);
       for (int64_t i = 0; i < M; ++i)
-        for (int64_t c = 0; c < D; ++c) pq_b.view(b, h, i, c) = pq.view(0, h, i, c), pk_b.view(b, h, i, c) = pk.view(0, h, i, c);
+        for (int64_t c = 0; c < D; ++c)
+          pq_b.view(b, h, i, c) = pq.view(0, h, i, c), pk_b.view(b, h, i, c) = pk.view(0, h, i, c);
     }
   const auto max_batch_difference = [&] {
     double diff = 0;
@@ -225,7 +226,11 @@ TEST(ProxyCpu, Errors) {
     return t;
   };
   const auto good = p.cview();
-  expect_error([&] { run({with(0, 2), good}); }, {"Proxy", "proxy_q.shape[0] (batch) = 2", "1 (shared) or q's batch 3"});
+  expect_error(
+      [&] {
+        run({with(0, 2), good});
+      },
+      {"Proxy", "proxy_q.shape[0] (batch) = 2", "1 (shared) or q's batch 3"});
   expect_error([&] { run({good, with(1, 2)}); }, {"proxy_k.shape[1] (heads) = 2", "q's heads 4"});
   expect_error([&] { run({with(3, 4), good}); }, {"proxy_q.shape[3] (dim) = 4", "q's head dim 8"});
   expect_error([&] { run({good, with(2, 12)}); }, {"proxy_q has 16 proxies", "proxy_k has 12"});
@@ -245,12 +250,17 @@ TEST(ProxyCpu, Errors) {
   HostTensor<float> q6(3, 4, 50, 6), k6(3, 2, 60, 6);
   q6.fill_normal();
   k6.fill_normal();
-  expect_error([&] { effattn::attention<effattn::Cpu>(effattn::Proxy<float>{inside, inside}, q6.cview(), k6.cview(),
-                                                      v.cview(), big.view); },
-               {"out overlaps proxy_q or proxy_k"});
-  expect_error([&] { (void)effattn::workspace_bytes<effattn::Cpu>(effattn::Proxy<float>{with(3, 4), good}, q.view,
-                                                                   k.view, v.view); },
-               {"workspace_bytes", "proxy_q.shape[3] (dim) = 4"});
+  expect_error(
+      [&] {
+        effattn::attention<effattn::Cpu>(effattn::Proxy<float>{inside, inside}, q6.cview(), k6.cview(), v.cview(),
+                                         big.view);
+      },
+      {"out overlaps proxy_q or proxy_k"});
+  expect_error(
+      [&] {
+        (void)effattn::workspace_bytes<effattn::Cpu>(effattn::Proxy<float>{with(3, 4), good}, q.view, k.view, v.view);
+      },
+      {"workspace_bytes", "proxy_q.shape[3] (dim) = 4"});
   // Causal proxy attention is rejected by construction: the method has no causal switch.
   static_assert(!has_causal<effattn::Proxy<float>>::value, "Proxy must not offer causal");
 }

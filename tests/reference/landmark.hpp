@@ -138,10 +138,11 @@ Result proxy(const Tensor<const T>& q, const Tensor<const T>& k, const Tensor<co
       const Landmarks lk = given(head(proxy_k, proxy_k.shape[0] == 1 ? 0 : b, h));
       std::vector<double> column_scale(static_cast<size_t>(M), 1.0);
       for (int64_t c = 0; c < M && dropout > 0; ++c)
-        column_scale[size_t(c)] = effattn::column_keep(seed, shared ? 0 : b, h, c, dropout) ? 1.0 / (1.0 - dropout) : 0.0;
+        column_scale[size_t(c)] =
+            effattn::column_keep(seed, shared ? 0 : b, h, c, dropout) ? 1.0 / (1.0 - dropout) : 0.0;
       const auto key_ok = [&](int64_t j) { return valid(masks.key_valid, masks.key_batch_stride, b, j); };
-      store_head(out, landmark_head(Q, K, V, lq, lk, key_ok, s, iterations == 0 ? -1 : iterations, column_scale),
-                 masks, b, h);
+      store_head(out, landmark_head(Q, K, V, lq, lk, key_ok, s, iterations == 0 ? -1 : iterations, column_scale), masks,
+                 b, h);
     }
   return out;
 }

@@ -34,11 +34,11 @@ namespace cpu {
 /// What differs between the landmark operators: where Lq and Lk come from and how Z is formed.
 template <class T>
 struct LandmarkSpec {
-  int64_t M = 0;                    // landmarks per (batch, head)
+  int64_t M = 0;                     // landmarks per (batch, head)
   Tensor<const T> proxy_q, proxy_k;  // Proxy: [1 or B, H, M, D]; data == nullptr: Nyström segment means
-  int iterations = 0;               // Newton–Schulz steps (0: Z = Z0)
-  bool invert = true;               // false: no K2 at all, W = K3·V (Proxy with pinv_iterations = 0)
-  float column_dropout = 0;         // Proxy's decomposed dropout on the columns of K2
+  int iterations = 0;                // Newton–Schulz steps (0: Z = Z0)
+  bool invert = true;                // false: no K2 at all, W = K3·V (Proxy with pinv_iterations = 0)
+  float column_dropout = 0;          // Proxy's decomposed dropout on the columns of K2
   uint64_t dropout_seed = 0;
   T scale = 1;
 
@@ -64,8 +64,7 @@ MatrixView<T> dense(T* p, int64_t rows, int64_t cols) {
 /// Segment-mean landmarks of x [N, D]: segment i is [floor(i N / M), floor((i+1) N / M)); the mean
 /// is over valid rows only. A segment without one gives a zero row and landmark_valid[i] = 0.
 template <class T>
-void segment_means(const MatrixView<const T>& x, const uint8_t* valid, int64_t M, T* means,
-                   uint8_t* landmark_valid) {
+void segment_means(const MatrixView<const T>& x, const uint8_t* valid, int64_t M, T* means, uint8_t* landmark_valid) {
   const int64_t N = x.rows, D = x.cols;
   for (int64_t i = 0; i < M; ++i) {
     Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>> mean(means + i * D, D);
@@ -176,19 +175,20 @@ void compute_z(const MatrixView<const T>& lq, const uint8_t* lq_valid, const Mat
 /// count is the truth.
 struct Plan {
   int threads = 1;
-  int64_t heads = 1;      // H, for the shared-Z prepass
-  int64_t chunk = 1;      // (b, h) pairs per chunk
-  int64_t tiles = 1;      // query tiles per head
-  size_t shared_z = 0;    // [H, M, M] when proxies are shared by the batch
-  size_t per_head = 0;    // kept from phase 1 to phase 2: W, and for Nyström Lk and its validity
-  size_t prepass = 0;     // per thread, computing the shared Z
-  size_t phase1 = 0;      // per thread: Lq, K3·V, Z and their scratch
-  size_t phase2 = 0;      // per thread: K1·W tiles
+  int64_t heads = 1;    // H, for the shared-Z prepass
+  int64_t chunk = 1;    // (b, h) pairs per chunk
+  int64_t tiles = 1;    // query tiles per head
+  size_t shared_z = 0;  // [H, M, M] when proxies are shared by the batch
+  size_t per_head = 0;  // kept from phase 1 to phase 2: W, and for Nyström Lk and its validity
+  size_t prepass = 0;   // per thread, computing the shared Z
+  size_t phase1 = 0;    // per thread: Lq, K3·V, Z and their scratch
+  size_t phase2 = 0;    // per thread: K1·W tiles
 
   /// The shared Z stays; the prepass scratch and then each chunk reuse the space after it.
   size_t total() const {
-    const size_t chunked = per_head * static_cast<size_t>(chunk) +
-                           std::max(parallel_bytes(threads, chunk, phase1), parallel_bytes(threads, chunk * tiles, phase2));
+    const size_t chunked =
+        per_head * static_cast<size_t>(chunk) +
+        std::max(parallel_bytes(threads, chunk, phase1), parallel_bytes(threads, chunk * tiles, phase2));
     return shared_z + std::max(shared_z > 0 ? parallel_bytes(threads, heads, prepass) : 0, chunked);
   }
 };
@@ -210,7 +210,7 @@ Plan plan(const LandmarkSpec<T>& spec, const detail::Dims& d, int threads) {
   p.per_head = bytes_of<T>(M * d.Dv) + (spec.given() ? 0 : bytes_of<T>(M * d.D) + bytes_of<uint8_t>(M));
   const size_t own = (spec.given() ? 0 : bytes_of<T>(M * d.D) + bytes_of<uint8_t>(M)) +  // Lq, its validity
                      (spec.invert ? bytes_of<T>(M * d.Dv) : 0) +                         // K3·V
-                     (own_z ? bytes_of<T>(MM) : 0);                                       // Z
+                     (own_z ? bytes_of<T>(MM) : 0);                                      // Z
   const size_t z_work = own_z ? z_scratch_bytes<T>(M, d.D) + bytes_of<T>(MM) : 0;
   p.phase1 = own + std::max(tile_scratch_bytes<T>(d.D, d.Dv), z_work);
   p.phase2 = tile_scratch_bytes<T>(d.D, d.Dv);

@@ -45,8 +45,7 @@ struct Operator<Cpu, Nystrom> {
     check(where, m);
     const detail::Dims d = detail::check_attention(where, q, k, v, out, masks);
     const T scale = static_cast<T>(detail::resolve_scale(where, m.scale, d.D));
-    if (exact(m, d.Nq, d.Nk))
-      return Operator<Cpu, Softmax>::run<T>(Softmax{m.scale, false}, q, k, v, out, masks, exec);
+    if (exact(m, d.Nq, d.Nk)) return Operator<Cpu, Softmax>::run<T>(Softmax{m.scale, false}, q, k, v, out, masks, exec);
     cpu::landmark_attention(spec<T>(m, scale), d, q, k, v, out, masks, exec);
   }
 };

@@ -28,8 +28,8 @@ struct Operator<Cpu, Proxy<T>> {
                     " proxies (seq) but proxy_k has ", m.proxy_k.shape[2]);
     detail::require(m.pinv_iterations >= 0, where, ": pinv_iterations = ", m.pinv_iterations,
                     " must be >= 0 (0: no inverse)");
-    detail::require(m.column_dropout >= 0.0f && m.column_dropout < 1.0f, where,
-                    ": column_dropout = ", m.column_dropout, " must be in [0, 1)");
+    detail::require(m.column_dropout >= 0.0f && m.column_dropout < 1.0f, where, ": column_dropout = ", m.column_dropout,
+                    " must be in [0, 1)");
   }
 
   static cpu::LandmarkSpec<T> spec(const Proxy<T>& m, T scale) {
