@@ -94,7 +94,9 @@ TEST(FavorProjection, RowsOrthogonalWithinBlocks) {
         }
     EXPECT_LE(worst, 1e-13);
     EXPECT_LE(worst_float, 1e-6);
-    if (M > D && D > 1) EXPECT_GT(across, 0.1) << "rows of different blocks should not be orthogonal";
+    if (M > D && D > 1) {
+      EXPECT_GT(across, 0.1) << "rows of different blocks should not be orthogonal";
+    }
   }
 }
 

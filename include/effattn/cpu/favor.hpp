@@ -174,8 +174,10 @@ class Runner {
         break;
       case FeatureMap::trig:
         // exp(|x'|²/2 - c) [cos u, sin u]; queries use c = |q'|²/2 (the factor cancels).
-        f.rightCols(s_.M).array() = u.array().sin();
-        u.array() = u.array().cos();
+        // Scalar std::sin/cos: Eigen's AVX-512 sin/cos trips a GCC 12 -Wuninitialized false
+        // positive in every translation unit that includes this header (trig is for studies).
+        f.rightCols(s_.M) = u.unaryExpr([](T x) { return std::sin(x); });
+        u = u.unaryExpr([](T x) { return std::cos(x); });
         if (keys)
           for (int64_t r = 0; r < n; ++r) f.row(r) *= std::exp(sq(r) - key_shift_);
         break;
