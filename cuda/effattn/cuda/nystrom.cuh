@@ -11,8 +11,7 @@ namespace effattn {
 
 template <>
 struct Operator<Cuda, Nystrom> {
-  /// DESIGN.md: with no more tokens than landmarks on either side, the result is exact softmax.
-  static bool exact(const Nystrom& m, int64_t nq, int64_t nk) { return std::min(nq, nk) <= m.landmarks; }
+  static bool exact(const Nystrom& m, int64_t nq, int64_t nk) { return detail::nystrom_is_exact(m, nq, nk); }
 
   template <class T>
   static cuda::LandmarkCall<T, float> call(const Nystrom& m, float scale) {

@@ -108,6 +108,8 @@ inline double resolve_scale(const char* where, float scale, int64_t D) {
   return scale == 0.0f ? 1.0 / std::sqrt(static_cast<double>(D)) : static_cast<double>(scale);
 }
 
+/// DESIGN.md: with no more tokens than landmarks on either side, Nyström is exact softmax.
+inline bool nystrom_is_exact(const Nystrom& m, int64_t nq, int64_t nk) { return std::min(nq, nk) <= m.landmarks; }
 
 /// Nystrom's own parameters (shared by every backend).
 inline void check_nystrom(const char* where, const Nystrom& m) {

@@ -10,12 +10,7 @@ namespace effattn {
 template <>
 struct Operator<Cpu, Nystrom> {
   // Nystrom has no causal field: causal Nyström is not expressible (DESIGN.md forbids it).
-  static void check(const char* where, const Nystrom& m) {
-    detail::require(m.landmarks >= 1, where, ": landmarks = ", m.landmarks, " must be >= 1");
-    detail::require(m.pinv_iterations >= 0, where, ": pinv_iterations = ", m.pinv_iterations, " must be >= 0");
-  }
-  /// DESIGN.md: with no more tokens than landmarks on either side, the result is exact softmax.
-  static bool exact(const Nystrom& m, int64_t nq, int64_t nk) { return std::min(nq, nk) <= m.landmarks; }
+  static bool exact(const Nystrom& m, int64_t nq, int64_t nk) { return detail::nystrom_is_exact(m, nq, nk); }
 
   template <class T>
   static cpu::LandmarkSpec<T> spec(const Nystrom& m, T scale) {
@@ -30,7 +25,7 @@ struct Operator<Cpu, Nystrom> {
   static size_t workspace_bytes(const Nystrom& m, Tensor<const T> q, Tensor<const T> k, Tensor<const T> v,
                                 const Exec<Cpu>& exec) {
     cpu::require_cpu_type<T>();
-    check("effattn::workspace_bytes<Cpu>(Nystrom)", m);
+    detail::check_nystrom("effattn::workspace_bytes<Cpu>(Nystrom)", m);
     if (exact(m, q.shape[2], k.shape[2]))
       return Operator<Cpu, Softmax>::workspace_bytes<T>(Softmax{m.scale, false}, q, k, v, exec);
     const detail::Dims d{q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]};
@@ -42,7 +37,7 @@ struct Operator<Cpu, Nystrom> {
                   const Masks& masks, const Exec<Cpu>& exec) {
     cpu::require_cpu_type<T>();
     constexpr const char* where = "effattn::attention<Cpu>(Nystrom)";
-    check(where, m);
+    detail::check_nystrom(where, m);
     const detail::Dims d = detail::check_attention(where, q, k, v, out, masks);
     const T scale = static_cast<T>(detail::resolve_scale(where, m.scale, d.D));
     if (exact(m, d.Nq, d.Nk)) return Operator<Cpu, Softmax>::run<T>(Softmax{m.scale, false}, q, k, v, out, masks, exec);
