@@ -8,7 +8,9 @@
 #include <cstdlib>
 #include <limits>
 #include <random>
+#include <initializer_list>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "effattn/core.hpp"
@@ -121,6 +123,25 @@ bool outside_untouched(const HostTensor<T>& t, T sentinel) {
     if (!in[i] && !(t.storage[i] == sentinel)) return false;
   return true;
 }
+
+/// Runs f and expects effattn::Error whose message contains every one of `parts`.
+template <class F>
+void expect_error(F&& f, std::initializer_list<std::string> parts) {
+  try {
+    f();
+    ADD_FAILURE() << "no effattn::Error thrown";
+  } catch (const effattn::Error& e) {
+    const std::string what = e.what();
+    for (const std::string& part : parts)
+      EXPECT_NE(what.find(part), std::string::npos) << "message: " << what << "\nmissing: " << part;
+  }
+}
+
+/// Whether a method struct has a `causal` field (Nystrom and Proxy must not: DESIGN.md forbids it).
+template <class M, class = void>
+struct has_causal : std::false_type {};
+template <class M>
+struct has_causal<M, std::void_t<decltype(std::declval<M>().causal)>> : std::true_type {};
 
 /// The tolerance DESIGN.md sets for the CPU backend.
 template <class T>

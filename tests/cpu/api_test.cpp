@@ -10,18 +10,6 @@ using namespace testing_util;
 using effattn::Cpu;
 using effattn::Error;
 
-/// Runs f, expects effattn::Error, and checks the message contains every fragment.
-template <class F>
-void expect_error(F f, std::initializer_list<const char*> fragments) {
-  try {
-    f();
-    ADD_FAILURE() << "no effattn::Error thrown";
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    for (const char* frag : fragments) EXPECT_NE(msg.find(frag), std::string::npos) << "message: " << msg << "\nmissing: " << frag;
-  }
-}
-
 struct Problem {
   HostTensor<float> q{2, 4, 10, 8}, k{2, 2, 12, 8}, v{2, 2, 12, 6}, out{2, 4, 10, 6};
   Problem() {

@@ -281,18 +281,6 @@ TEST(FavorCpu, WorkspaceDoesNotGrowWithSequenceLength) {
 
 // --- argument checks -------------------------------------------------------------------------
 
-template <class F>
-void expect_error(F f, std::initializer_list<const char*> fragments) {
-  try {
-    f();
-    ADD_FAILURE() << "no effattn::Error thrown";
-  } catch (const effattn::Error& e) {
-    const std::string msg = e.what();
-    for (const char* frag : fragments)
-      EXPECT_NE(msg.find(frag), std::string::npos) << "message: " << msg << "\nmissing: " << frag;
-  }
-}
-
 TEST(FavorCpu, ArgumentErrors) {
   Problem<float> p({2, 4, 2, 10, 12, 8, 6, 16, FeatureMap::positive, false, false});
   const auto run = [&](effattn::Favor m) {

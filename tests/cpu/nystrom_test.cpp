@@ -174,24 +174,6 @@ TEST(NystromCpu, WorkspaceDoesNotGrowWithSequenceLength) {
                       2 * effattn::cpu::tile_scratch_bytes<float>(64, 256));
 }
 
-/// Runs f, expects effattn::Error whose message contains every fragment.
-template <class F>
-void expect_error(F f, std::initializer_list<const char*> fragments) {
-  try {
-    f();
-    ADD_FAILURE() << "no effattn::Error thrown";
-  } catch (const effattn::Error& e) {
-    const std::string msg = e.what();
-    for (const char* frag : fragments)
-      EXPECT_NE(msg.find(frag), std::string::npos) << "message: " << msg << "\nmissing: " << frag;
-  }
-}
-
-template <class M, class = void>
-struct has_causal : std::false_type {};
-template <class M>
-struct has_causal<M, std::void_t<decltype(std::declval<M>().causal)>> : std::true_type {};
-
 TEST(NystromCpu, Errors) {
   HostTensor<float> q(2, 4, 100, 8), k(2, 2, 120, 8), v(2, 2, 120, 6), out(2, 4, 100, 6);
   q.fill_normal();

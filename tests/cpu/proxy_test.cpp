@@ -197,23 +197,6 @@ TEST(ProxyCpu, WorkspaceDoesNotGrowWithSequenceLength) {
   EXPECT_EQ(bytes_at(4096, 2), bytes_at(4096, 4));  // per-sequence proxies: only the (b, h) in flight
 }
 
-template <class F>
-void expect_error(F f, std::initializer_list<const char*> fragments) {
-  try {
-    f();
-    ADD_FAILURE() << "no effattn::Error thrown";
-  } catch (const effattn::Error& e) {
-    const std::string msg = e.what();
-    for (const char* frag : fragments)
-      EXPECT_NE(msg.find(frag), std::string::npos) << "message: " << msg << "\nmissing: " << frag;
-  }
-}
-
-template <class M, class = void>
-struct has_causal : std::false_type {};
-template <class M>
-struct has_causal<M, std::void_t<decltype(std::declval<M>().causal)>> : std::true_type {};
-
 TEST(ProxyCpu, Errors) {
   HostTensor<float> q(3, 4, 50, 8), k(3, 2, 60, 8), v(3, 2, 60, 6), out(3, 4, 50, 6), p(3, 4, 16, 8);
   for (auto* t : {&q, &k, &v, &p}) t->fill_normal();

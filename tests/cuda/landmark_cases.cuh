@@ -17,6 +17,7 @@
 namespace cuda_test {
 
 using testing_util::Layout;
+using testing_util::expect_error;
 
 /// x rounded to T (through float).
 template <class T>
@@ -169,18 +170,6 @@ void store_head_in(HostTensor<T>& out, const ref::Mat& O, const effattn::Masks& 
     for (int64_t c = 0; c < O.cols; ++c)
       out.view(b, h, i, c) = effattn::cuda::from_float<T>(
           ref::valid(masks.query_valid, masks.query_batch_stride, b, i) ? static_cast<float>(O(i, c)) : 0.0f);
-}
-
-/// Expects `f` to throw effattn::Error whose message contains every piece of `parts`.
-template <class F>
-void expect_error(F&& f, std::initializer_list<std::string> parts) {
-  try {
-    f();
-    ADD_FAILURE() << "no effattn::Error thrown";
-  } catch (const effattn::Error& e) {
-    const std::string what = e.what();
-    for (const std::string& p : parts) EXPECT_NE(what.find(p), std::string::npos) << "'" << p << "' not in: " << what;
-  }
 }
 
 }  // namespace cuda_test

@@ -12,18 +12,7 @@ using cuda_test::HostTensor;
 using effattn::Cuda;
 using effattn::Tensor;
 using testing_util::Layout;
-
-/// Expects `f` to throw effattn::Error whose message contains every one of `parts`.
-template <class F>
-void expect_error(F&& f, std::initializer_list<const char*> parts) {
-  try {
-    f();
-    ADD_FAILURE() << "no effattn::Error thrown";
-  } catch (const effattn::Error& e) {
-    const std::string what = e.what();
-    for (const char* part : parts) EXPECT_NE(what.find(part), std::string::npos) << "message: " << what;
-  }
-}
+using testing_util::expect_error;
 
 // Fake device pointers are fine here: every call below fails validation before any launch.
 struct Views {
