@@ -683,7 +683,7 @@ struct Operator<Cuda, Favor> {
                                 const Exec<Cuda>&) {
     cuda::require_cuda_type<T>();
     constexpr const char* where = "effattn::workspace_bytes<Cuda>(Favor)";
-    const detail::Dims d{q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]};
+    const detail::Dims d = detail::dims_of(q, k, v);
     const double scale = detail::check_favor(where, m, d);
     const auto p = cuda::favor::plan(m, q, k, v, d, scale);
     cuda::ByteCounter counter;

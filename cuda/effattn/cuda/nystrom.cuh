@@ -30,7 +30,7 @@ struct Operator<Cuda, Nystrom> {
     detail::check_nystrom("effattn::workspace_bytes<Cuda>(Nystrom)", m);
     if (exact(m, q.shape[2], k.shape[2]))
       return Operator<Cuda, Softmax>::workspace_bytes<T>(Softmax{m.scale, false}, q, k, v, exec);
-    const detail::Dims d{q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]};
+    const detail::Dims d = detail::dims_of(q, k, v);
     return cuda::landmark_workspace_bytes(call<T>(m, 1.0f), d);
   }
 

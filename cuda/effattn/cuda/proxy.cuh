@@ -35,7 +35,7 @@ struct Operator<Cuda, Proxy<T>> {
     static_assert(std::is_same_v<T, U>, "effattn: Proxy<T> needs q, k and v of element type T");
     cuda::require_cuda_type<T>();
     detail::check_proxy("effattn::workspace_bytes<Cuda>(Proxy)", m, q);
-    const detail::Dims d{q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]};
+    const detail::Dims d = detail::dims_of(q, k, v);
     return cuda::landmark_workspace_bytes(call(m, 1.0f), d);
   }
 

@@ -69,6 +69,12 @@ void check_writable(const char* where, const Tensor<T>& out) {
   }
 }
 
+/// The sizes of a call, read from q, k and v without checking them (check_attention checks).
+template <class T>
+Dims dims_of(const Tensor<T>& q, const Tensor<T>& k, const Tensor<T>& v) {
+  return {q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]};
+}
+
 /// Checks q, k, v, out and masks against each other and returns the sizes.
 template <class T>
 Dims check_attention(const char* where, const Tensor<const T>& q, const Tensor<const T>& k,
@@ -77,7 +83,7 @@ Dims check_attention(const char* where, const Tensor<const T>& q, const Tensor<c
   check_view(where, "k", k);
   check_view(where, "v", v);
   check_view(where, "out", out);
-  const Dims d{q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]};
+  const Dims d = dims_of(q, k, v);
   require(k.shape[0] == d.B && v.shape[0] == d.B && out.shape[0] == d.B, where,
           ": batch sizes disagree: q ", d.B, ", k ", k.shape[0], ", v ", v.shape[0], ", out ", out.shape[0]);
   require(v.shape[1] == d.Hk, where, ": k has ", d.Hk, " heads but v has ", v.shape[1]);

@@ -28,7 +28,7 @@ struct Operator<Cpu, Nystrom> {
     detail::check_nystrom("effattn::workspace_bytes<Cpu>(Nystrom)", m);
     if (exact(m, q.shape[2], k.shape[2]))
       return Operator<Cpu, Softmax>::workspace_bytes<T>(Softmax{m.scale, false}, q, k, v, exec);
-    const detail::Dims d{q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]};
+    const detail::Dims d = detail::dims_of(q, k, v);
     return cpu::landmark_workspace_bytes(spec<T>(m, T(1)), d, cpu::thread_count(exec));
   }
 
