@@ -124,6 +124,28 @@ bool outside_untouched(const HostTensor<T>& t, T sentinel) {
   return true;
 }
 
+/// The owned tensors of one attention problem, ready for a call: q and k drawn from N(0, 1.5²),
+/// v from N(0, 1), out poisoned with NaN and its storage outside the view set to a sentinel, so
+/// expect_matches can check every element was written and nothing outside `out`.
+template <class T>
+struct AttentionData {
+  HostTensor<T> q, k, v, out;
+  AttentionData(int64_t B, int64_t H, int64_t Hk, int64_t Nq, int64_t Nk, int64_t D, int64_t Dv, Layout layout)
+      : q(B, H, Nq, D, layout), k(B, Hk, Nk, D, layout), v(B, Hk, Nk, Dv, layout), out(B, H, Nq, Dv, layout) {
+    q.fill_normal(1.5);
+    k.fill_normal(1.5);
+    v.fill_normal();
+    out.poison();
+    mark_outside(out, sentinel());
+  }
+  static T sentinel() { return T(12345); }
+  /// out against the reference within `tolerance`, and the storage around the view untouched.
+  void expect_matches(const ref::Result& r, double tolerance) const {
+    EXPECT_LE(relative_error(out.view, r), tolerance);
+    EXPECT_TRUE(outside_untouched(out, sentinel())) << "wrote outside the out view";
+  }
+};
+
 /// Runs f and expects effattn::Error whose message contains every one of `parts`.
 template <class F>
 void expect_error(F&& f, std::initializer_list<std::string> parts) {
