@@ -76,10 +76,11 @@ inline std::vector<uint8_t> random_mask(int64_t B, int64_t N, double p_valid, in
   return m;
 }
 
-/// max |out - ref| / max |ref| over all elements; fails the test on any non-finite output
-/// (a poisoned element that was never written stays NaN).
+/// max |out - ref| / max |ref| over all elements (or / max |size| when given: the magnitude of the
+/// terms that make each element, see ref::Grads); fails the test on any non-finite output (a
+/// poisoned element that was never written stays NaN).
 template <class T>
-double relative_error(const Tensor<T>& out, const ref::Result& r) {
+double relative_error(const Tensor<T>& out, const ref::Result& r, const ref::Result* size = nullptr) {
   double max_diff = 0, max_ref = 0;
   int64_t bad = 0;
   for (int64_t b = 0; b < r.B; ++b)
@@ -92,7 +93,7 @@ double relative_error(const Tensor<T>& out, const ref::Result& r) {
             continue;
           }
           max_diff = std::max(max_diff, std::abs(o - e));
-          max_ref = std::max(max_ref, std::abs(e));
+          max_ref = std::max(max_ref, std::abs(size != nullptr ? (*size)(b, h, i, c) : e));
         }
   EXPECT_EQ(bad, 0) << "non-finite or unwritten output elements";
   return max_ref > 0 ? max_diff / max_ref : max_diff;

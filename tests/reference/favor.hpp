@@ -74,7 +74,7 @@ MatR<R> favor_features(const MatR<R>& X, const MatR<R>& W, FeatureMap map, R eps
   return phi;
 }
 
-inline double favor_default_eps(FeatureMap map, float eps) {
+inline double favor_default_eps(FeatureMap map, double eps) {
   if (map == FeatureMap::trig) return 0;
   if (eps != 0) return eps;
   return map == FeatureMap::positive ? 1e-6 : 1e-3;
@@ -87,7 +87,7 @@ inline double favor_default_eps(FeatureMap map, float eps) {
 /// cancel, i.e. how much any evaluation's rounding error is amplified.
 template <class R = double, class T>
 Result favor(const Tensor<const T>& q, const Tensor<const T>& k, const Tensor<const T>& v, const Masks& masks,
-             const Tensor<const float>& projection, FeatureMap map, bool causal, float scale, float eps,
+             const Tensor<const float>& projection, FeatureMap map, bool causal, double scale, double eps,
              double* condition = nullptr) {
   const int64_t B = q.shape[0], H = q.shape[1], Hk = k.shape[1], Nq = q.shape[2], Nk = k.shape[2];
   const int64_t Dv = v.shape[3];

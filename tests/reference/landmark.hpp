@@ -102,7 +102,7 @@ inline void store_head(Result& out, const Mat& O, const Masks& masks, int64_t b,
 /// Nyström attention; exact softmax when min(Nq, Nk) <= landmarks.
 template <class T>
 Result nystrom(const Tensor<const T>& q, const Tensor<const T>& k, const Tensor<const T>& v, const Masks& masks,
-               int64_t landmarks, int iterations, float scale) {
+               int64_t landmarks, int iterations, double scale) {
   const int64_t B = q.shape[0], H = q.shape[1], Hk = k.shape[1], Nq = q.shape[2], Nk = k.shape[2];
   if (std::min(Nq, Nk) <= landmarks) return softmax(q, k, v, masks, scale, false);
   const double s = default_scale(scale, q.shape[3]);
@@ -125,7 +125,7 @@ Result nystrom(const Tensor<const T>& q, const Tensor<const T>& k, const Tensor<
 template <class T>
 Result proxy(const Tensor<const T>& q, const Tensor<const T>& k, const Tensor<const T>& v, const Masks& masks,
              const Tensor<const T>& proxy_q, const Tensor<const T>& proxy_k, int iterations, float dropout,
-             uint64_t seed, float scale) {
+             uint64_t seed, double scale) {
   const int64_t B = q.shape[0], H = q.shape[1], Hk = k.shape[1], M = proxy_q.shape[2];
   const double s = default_scale(scale, q.shape[3]);
   const bool shared = proxy_q.shape[0] == 1 && proxy_k.shape[0] == 1;

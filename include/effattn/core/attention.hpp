@@ -1,5 +1,5 @@
-// The public entry points. attention<Backend>(method, q, k, v, out) forwards to
-// Operator<Backend, Method>, of which each backend header specializes one per method.
+// The public entry points. attention<Backend>(method, q, k, v, out) and attention_backward forward
+// to Operator<Backend, Method>, of which each backend header specializes one per method.
 #pragma once
 #include <cstddef>
 #include <type_traits>
@@ -18,6 +18,10 @@ inline constexpr bool dependent_false = false;
 ///                                      const Masks&, const Exec<Backend>&);
 ///   template <class T> static size_t workspace_bytes(const Method&, Tensor<const T> q, k, v,
 ///                                                    const Exec<Backend>&);
+/// and, where the backend has the gradient (static constexpr bool kHasBackward = true),
+///   template <class T> static void backward(const Method&, q, k, v, out, dout, const Grads<T>&,
+///                                           const Masks&, const Exec<Backend>&);
+///   template <class T> static size_t backward_workspace_bytes(const Method&, q, k, v, const Exec<Backend>&);
 template <class Backend, class Method>
 struct Operator {
   static_assert(dependent_false<Method>,
@@ -32,7 +36,41 @@ struct identity {
 };
 template <class T>
 using identity_t = typename identity<T>::type;  // blocks deduction: T comes from `out`
+
+template <class Op, class = void>
+struct has_backward : std::false_type {};
+template <class Op>
+struct has_backward<Op, std::enable_if_t<Op::kHasBackward>> : std::true_type {};
+
+template <class Backend, class Method>
+constexpr void require_backward() {
+  static_assert(has_backward<Operator<Backend, Method>>::value,
+                "effattn: this backend has no attention_backward for this method yet (the CPU backend has all four)");
+}
 }  // namespace detail
+
+/// The type a backend accumulates in for element type T: float, and double for double. The softmax
+/// row statistics (log-sum-exp) are stored in it.
+template <class T>
+struct accumulator {
+  using type = float;
+};
+template <>
+struct accumulator<double> {
+  using type = double;
+};
+template <class T>
+using acc_t = typename accumulator<T>::type;
+
+/// The gradients attention_backward writes, each laid out like its input (any strides):
+/// dq like q, dk like k, dv like v (grouped heads: summed over the query heads of the group).
+/// dproxy_q / dproxy_k: Proxy only, like proxy_q / proxy_k (batch extent 1: summed over the
+/// batch); leave them empty (default-constructed) for the other methods.
+template <class T>
+struct Grads {
+  Tensor<T> dq, dk, dv;
+  Tensor<T> dproxy_q, dproxy_k;
+};
 
 /// out = Method-attention(q, k, v). q [B,H,Nq,D], k [B,Hk,Nk,D], v [B,Hk,Nk,Dv], out [B,H,Nq,Dv].
 template <class Backend, class Method, class T>
@@ -41,6 +79,45 @@ void attention(const Method& m, Tensor<const detail::identity_t<T>> q, Tensor<co
                const Exec<Backend>& exec = {}) {
   static_assert(!std::is_const_v<T>, "effattn::attention: out must be a mutable Tensor<T>");
   Operator<Backend, Method>::template run<T>(m, q, k, v, out, masks, exec);
+}
+
+/// Softmax attention that also writes each row's log-sum-exp of the scaled logits,
+/// lse_i = log sum_j exp(s q_i·k_j) over the allowed keys, into lse [B, H, Nq, 1] (any strides) in
+/// acc_t<T>; -inf for a row with no allowed key and for an invalid query. attention_backward_with_lse
+/// takes it back to skip recomputing the row statistics; partial results over disjoint key sets
+/// merge exactly with it: out = sum_p exp(lse_p - lse) out_p, lse = log sum_p exp(lse_p).
+template <class Backend, class T>
+void attention_with_lse(const Softmax& m, Tensor<const detail::identity_t<T>> q,
+                        Tensor<const detail::identity_t<T>> k, Tensor<const detail::identity_t<T>> v, Tensor<T> out,
+                        Tensor<acc_t<T>> lse, const Masks& masks = {}, const Exec<Backend>& exec = {}) {
+  static_assert(!std::is_const_v<T>, "effattn::attention_with_lse: out must be a mutable Tensor<T>");
+  Operator<Backend, Softmax>::template run_with_lse<T>(m, q, k, v, out, lse, masks, exec);
+}
+
+/// The gradients of attention(m, q, k, v) for the upstream gradient dout [B, H, Nq, Dv]: writes
+/// every element of grads' views (zeros where an input has no influence: invalid queries and
+/// keys). `out` is the forward's output for the same arguments.
+template <class Backend, class Method, class T>
+void attention_backward(const Method& m, Tensor<const detail::identity_t<T>> q,
+                        Tensor<const detail::identity_t<T>> k, Tensor<const detail::identity_t<T>> v,
+                        Tensor<const detail::identity_t<T>> out, Tensor<const detail::identity_t<T>> dout,
+                        const Grads<T>& grads, const Masks& masks = {}, const Exec<Backend>& exec = {}) {
+  static_assert(!std::is_const_v<T>, "effattn::attention_backward: grads must be mutable Tensor<T> views");
+  detail::require_backward<Backend, Method>();
+  Operator<Backend, Method>::template backward<T>(m, q, k, v, out, dout, grads, masks, exec);
+}
+
+/// The softmax backward with the forward's lse (attention_with_lse): the row statistics are not
+/// recomputed, one matrix product per tile fewer.
+template <class Backend, class T>
+void attention_backward_with_lse(const Softmax& m, Tensor<const detail::identity_t<T>> q,
+                                 Tensor<const detail::identity_t<T>> k, Tensor<const detail::identity_t<T>> v,
+                                 Tensor<const detail::identity_t<T>> out, Tensor<const detail::identity_t<T>> dout,
+                                 Tensor<const acc_t<T>> lse, const Grads<T>& grads, const Masks& masks = {},
+                                 const Exec<Backend>& exec = {}) {
+  static_assert(!std::is_const_v<T>, "effattn::attention_backward_with_lse: grads must be mutable Tensor<T> views");
+  detail::require_backward<Backend, Softmax>();
+  Operator<Backend, Softmax>::template backward_with_lse<T>(m, q, k, v, out, dout, lse, grads, masks, exec);
 }
 
 /// Scratch bytes attention<Backend>(m, q, k, v, ...) needs when the caller passes a workspace
@@ -52,6 +129,19 @@ size_t workspace_bytes(const Method& m, Tensor<Q> q, Tensor<K> k, Tensor<V> v, c
                 "effattn::workspace_bytes: q, k and v must have one element type");
   return Operator<Backend, Method>::template workspace_bytes<T>(m, Tensor<const T>(q), Tensor<const T>(k),
                                                                 Tensor<const T>(v), exec);
+}
+
+/// Scratch bytes attention_backward<Backend>(m, q, k, v, ...) needs when the caller passes a
+/// workspace in exec (the same for attention_backward_with_lse); without one it allocates this much.
+template <class Backend, class Method, class Q, class K, class V>
+size_t backward_workspace_bytes(const Method& m, Tensor<Q> q, Tensor<K> k, Tensor<V> v,
+                                const Exec<Backend>& exec = {}) {
+  using T = std::remove_const_t<Q>;
+  static_assert(std::is_same_v<T, std::remove_const_t<K>> && std::is_same_v<T, std::remove_const_t<V>>,
+                "effattn::backward_workspace_bytes: q, k and v must have one element type");
+  detail::require_backward<Backend, Method>();
+  return Operator<Backend, Method>::template backward_workspace_bytes<T>(m, Tensor<const T>(q), Tensor<const T>(k),
+                                                                         Tensor<const T>(v), exec);
 }
 
 }  // namespace effattn

@@ -5,7 +5,10 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
+#include <vector>
 
+#include "effattn/core/attention.hpp"
 #include "effattn/core/error.hpp"
 #include "effattn/core/methods.hpp"
 #include "effattn/core/tensor.hpp"
@@ -54,7 +57,7 @@ void check_view(const char* where, const char* name, const Tensor<T>& t) {
 
 /// No two elements of `out` may share an address: writes would race and results depend on order.
 template <class T>
-void check_writable(const char* where, const Tensor<T>& out) {
+void check_writable(const char* where, const Tensor<T>& out, const char* name = "out") {
   std::array<int, 4> order{0, 1, 2, 3};
   std::sort(order.begin(), order.end(), [&](int a, int b) {
     return std::abs(out.stride[a]) < std::abs(out.stride[b]);
@@ -62,8 +65,8 @@ void check_writable(const char* where, const Tensor<T>& out) {
   int64_t span = 1;  // elements covered by the dims so far
   for (int i : order) {
     if (out.shape[i] == 1) continue;
-    require(std::abs(out.stride[i]) >= span, where, ": out.stride = [", out.stride[0], ", ", out.stride[1],
-            ", ", out.stride[2], ", ", out.stride[3], "] makes elements of out (shape ", shape_str(out),
+    require(std::abs(out.stride[i]) >= span, where, ": ", name, ".stride = [", out.stride[0], ", ", out.stride[1],
+            ", ", out.stride[2], ", ", out.stride[3], "] makes elements of ", name, " (shape ", shape_str(out),
             ") alias each other");
     span = std::abs(out.stride[i]) * out.shape[i];
   }
@@ -75,30 +78,20 @@ Dims dims_of(const Tensor<T>& q, const Tensor<T>& k, const Tensor<T>& v) {
   return {q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]};
 }
 
-/// Checks q, k, v, out and masks against each other and returns the sizes.
+/// Checks q, k, v and masks against each other and returns the sizes.
 template <class T>
-Dims check_attention(const char* where, const Tensor<const T>& q, const Tensor<const T>& k,
-                     const Tensor<const T>& v, const Tensor<T>& out, const Masks& masks) {
+Dims check_inputs(const char* where, const Tensor<const T>& q, const Tensor<const T>& k, const Tensor<const T>& v,
+                  const Masks& masks) {
   check_view(where, "q", q);
   check_view(where, "k", k);
   check_view(where, "v", v);
-  check_view(where, "out", out);
   const Dims d = dims_of(q, k, v);
-  require(k.shape[0] == d.B && v.shape[0] == d.B && out.shape[0] == d.B, where,
-          ": batch sizes disagree: q ", d.B, ", k ", k.shape[0], ", v ", v.shape[0], ", out ", out.shape[0]);
+  require(k.shape[0] == d.B && v.shape[0] == d.B, where, ": batch sizes disagree: q ", d.B, ", k ", k.shape[0],
+          ", v ", v.shape[0]);
   require(v.shape[1] == d.Hk, where, ": k has ", d.Hk, " heads but v has ", v.shape[1]);
   require(d.H % d.Hk == 0, where, ": q heads (", d.H, ") must be a multiple of k/v heads (", d.Hk, ")");
-  require(out.shape[1] == d.H, where, ": out has ", out.shape[1], " heads but q has ", d.H);
   require(v.shape[2] == d.Nk, where, ": k has ", d.Nk, " keys (seq) but v has ", v.shape[2]);
-  require(out.shape[2] == d.Nq, where, ": out has ", out.shape[2], " rows (seq) but q has ", d.Nq);
   require(k.shape[3] == d.D, where, ": head dims disagree: q.shape[3] = ", d.D, ", k.shape[3] = ", k.shape[3]);
-  require(out.shape[3] == d.Dv, where, ": out.shape[3] = ", out.shape[3], " but v.shape[3] = ", d.Dv);
-  check_writable(where, out);
-  const char* names[3] = {"q", "k", "v"};
-  const Tensor<const T>* ins[3] = {&q, &k, &v};
-  for (int i = 0; i < 3; ++i)
-    require(!overlaps(*ins[i], out), where, ": out overlaps input ", names[i],
-            " in memory; attention cannot run in place");
   // A batch stride of 0 shares one mask row across the batch.
   const auto stride_ok = [&](int64_t stride, int64_t n) { return d.B == 1 || stride == 0 || stride >= n; };
   require(masks.query_valid == nullptr || stride_ok(masks.query_batch_stride, d.Nq), where,
@@ -108,10 +101,90 @@ Dims check_attention(const char* where, const Tensor<const T>& q, const Tensor<c
   return d;
 }
 
+/// `t` (named `name`) must be a view of the given shape.
+template <class T>
+void check_shape(const char* where, const char* name, const Tensor<T>& t, const std::array<int64_t, 4>& shape,
+                 const char* like) {
+  check_view(where, name, t);
+  require(t.shape == shape, where, ": ", name, " has shape ", shape_str(t), " but must be ",
+          shape_str(Tensor<const T>(nullptr, shape, {})), " (", like, ")");
+}
+
+/// Checks q, k, v, out and masks against each other and returns the sizes.
+template <class T>
+Dims check_attention(const char* where, const Tensor<const T>& q, const Tensor<const T>& k,
+                     const Tensor<const T>& v, const Tensor<T>& out, const Masks& masks) {
+  const Dims d = check_inputs(where, q, k, v, masks);
+  check_view(where, "out", out);
+  require(out.shape[0] == d.B, where, ": batch sizes disagree: q ", d.B, ", out ", out.shape[0]);
+  require(out.shape[1] == d.H, where, ": out has ", out.shape[1], " heads but q has ", d.H);
+  require(out.shape[2] == d.Nq, where, ": out has ", out.shape[2], " rows (seq) but q has ", d.Nq);
+  require(out.shape[3] == d.Dv, where, ": out.shape[3] = ", out.shape[3], " but v.shape[3] = ", d.Dv);
+  check_writable(where, out);
+  const char* names[3] = {"q", "k", "v"};
+  const Tensor<const T>* ins[3] = {&q, &k, &v};
+  for (int i = 0; i < 3; ++i)
+    require(!overlaps(*ins[i], out), where, ": out overlaps input ", names[i],
+            " in memory; attention cannot run in place");
+  return d;
+}
+
+/// A named byte range [lo, hi) that an output must not overlap.
+struct NamedRange {
+  const char* name;
+  std::array<uintptr_t, 2> range;
+};
+template <class T>
+NamedRange named(const char* name, const Tensor<T>& t) {
+  return {name, t.data == nullptr ? std::array<uintptr_t, 2>{0, 0} : byte_range(t)};
+}
+
+/// The backward's inputs and gradients: out and dout of shape [B, H, Nq, Dv], each gradient shaped
+/// like its input, writable, and overlapping neither an input (nor `reads`, e.g. proxies) nor
+/// another gradient. dproxy_q/dproxy_k are checked by the method (only Proxy has them).
+template <class T>
+Dims check_backward(const char* where, const Tensor<const T>& q, const Tensor<const T>& k, const Tensor<const T>& v,
+                    const Tensor<const T>& out, const Tensor<const T>& dout, const Grads<T>& g, const Masks& masks,
+                    std::initializer_list<NamedRange> reads = {}) {
+  const Dims d = check_inputs(where, q, k, v, masks);
+  const std::array<int64_t, 4> out_shape{d.B, d.H, d.Nq, d.Dv};
+  check_shape(where, "out", out, out_shape, "[B, H, Nq, Dv] of q and v");
+  check_shape(where, "dout", dout, out_shape, "[B, H, Nq, Dv] of q and v");
+  check_shape(where, "grads.dq", g.dq, q.shape, "q's shape");
+  check_shape(where, "grads.dk", g.dk, k.shape, "k's shape");
+  check_shape(where, "grads.dv", g.dv, v.shape, "v's shape");
+  std::vector<NamedRange> ins{named("q", q), named("k", k), named("v", v), named("out", out), named("dout", dout)};
+  ins.insert(ins.end(), reads.begin(), reads.end());
+  const NamedRange outs[5] = {named("grads.dq", g.dq), named("grads.dk", g.dk), named("grads.dv", g.dv),
+                              named("grads.dproxy_q", g.dproxy_q), named("grads.dproxy_k", g.dproxy_k)};
+  const auto hit = [](const NamedRange& a, const NamedRange& b) {
+    return a.range[0] < a.range[1] && b.range[0] < b.range[1] && a.range[0] < b.range[1] && b.range[0] < a.range[1];
+  };
+  for (int i = 0; i < 5; ++i) {
+    for (const NamedRange& in : ins)
+      require(!hit(outs[i], in), where, ": ", outs[i].name, " overlaps input ", in.name,
+              " in memory; gradients cannot be written in place");
+    for (int j = 0; j < i; ++j)
+      require(!hit(outs[i], outs[j]), where, ": ", outs[i].name, " overlaps ", outs[j].name, " in memory");
+  }
+  check_writable(where, g.dq, "grads.dq");
+  check_writable(where, g.dk, "grads.dk");
+  check_writable(where, g.dv, "grads.dv");
+  return d;
+}
+
+/// Methods without proxies take no proxy gradients.
+template <class T>
+void require_no_proxy_grads(const char* where, const Grads<T>& g) {
+  require(g.dproxy_q.data == nullptr && g.dproxy_k.data == nullptr, where,
+          ": grads.dproxy_q / grads.dproxy_k are given (shapes ", shape_str(g.dproxy_q), ", ", shape_str(g.dproxy_k),
+          ") but this method has no proxies; leave them empty");
+}
+
 /// The softmax scale s: 0 selects 1/sqrt(D); anything else must be finite.
-inline double resolve_scale(const char* where, float scale, int64_t D) {
+inline double resolve_scale(const char* where, double scale, int64_t D) {
   require(std::isfinite(scale), where, ": scale = ", scale, " must be finite (0 selects 1/sqrt(D))");
-  return scale == 0.0f ? 1.0 / std::sqrt(static_cast<double>(D)) : static_cast<double>(scale);
+  return scale == 0.0 ? 1.0 / std::sqrt(static_cast<double>(D)) : scale;
 }
 
 /// DESIGN.md: with no more tokens than landmarks on either side, Nyström is exact softmax.
@@ -168,9 +241,9 @@ inline double check_favor(const char* where, const Favor& m, const Dims& d) {
 }
 
 /// The FAVOR map's eps: 0 selects its default (1e-6 positive, 1e-3 relu); trig has none.
-inline double favor_eps(FeatureMap map, float eps) {
+inline double favor_eps(FeatureMap map, double eps) {
   if (map == FeatureMap::trig) return 0.0;
-  if (eps != 0.0f) return eps;
+  if (eps != 0.0) return eps;
   return map == FeatureMap::positive ? 1e-6 : 1e-3;
 }
 

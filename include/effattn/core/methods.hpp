@@ -14,9 +14,12 @@ struct Masks {
   int64_t key_batch_stride = 0;
 };
 
-/// Exact softmax attention. scale 0 means 1/sqrt(D).
+// Every `scale` is the softmax (or FAVOR) scale s, 0 meaning 1/sqrt(D). Scales and eps are double
+// so a double operator gets its parameters unrounded; a float operator rounds them once.
+
+/// Exact softmax attention.
 struct Softmax {
-  float scale = 0;
+  double scale = 0;
   bool causal = false;
 };
 
@@ -24,7 +27,7 @@ struct Softmax {
 struct Nystrom {
   int landmarks = 64;
   int pinv_iterations = 6;
-  float scale = 0;
+  double scale = 0;
 };
 
 enum class FeatureMap { positive, relu, trig };
@@ -34,8 +37,8 @@ struct Favor {
   Tensor<const float> projection;
   FeatureMap map = FeatureMap::positive;
   bool causal = false;
-  float scale = 0;
-  float eps = 0;  // 0 -> the map's default (1e-6 positive, 1e-3 relu)
+  double scale = 0;
+  double eps = 0;  // 0 -> the map's default (1e-6 positive, 1e-3 relu)
 };
 
 /// Proxyformer: caller-given proxy tokens, [1 or B, H, M, D].
@@ -45,7 +48,7 @@ struct Proxy {
   int pinv_iterations = 6;  // 0: no inverse, out = K1 (K3 V)
   float column_dropout = 0;
   uint64_t dropout_seed = 0;
-  float scale = 0;
+  double scale = 0;
 };
 
 }  // namespace effattn

@@ -24,8 +24,8 @@
 #include <utility>
 
 #include "effattn/core.hpp"
+#include "effattn/cpu/common.hpp"
 #include "effattn/cpu/parallel.hpp"
-#include "effattn/cpu/softmax.hpp"
 #include "effattn/cpu/softmax_tiles.hpp"
 
 namespace effattn {

@@ -1,0 +1,44 @@
+// What every CPU operator uses: strided host matrices, one (batch, head) of a view as a matrix,
+// a mask row of one sequence, and the element types the CPU backend computes in.
+#pragma once
+#include <cstdint>
+#include <type_traits>
+
+#include "effattn/core/tensor.hpp"
+
+namespace effattn {
+namespace cpu {
+
+/// A strided host matrix: element (r, c) is data[r * row_stride + c * col_stride].
+template <class T>
+struct MatrixView {
+  T* data = nullptr;
+  int64_t rows = 0, cols = 0, row_stride = 0, col_stride = 1;
+  T& operator()(int64_t r, int64_t c) const { return data[r * row_stride + c * col_stride]; }
+};
+
+template <class T>
+void fill(const MatrixView<T>& m, T value) {
+  for (int64_t r = 0; r < m.rows; ++r)
+    for (int64_t c = 0; c < m.cols; ++c) m(r, c) = value;
+}
+
+/// Rows of one (batch, head) of a [B, H, S, D] view as a matrix [S, D].
+template <class T>
+MatrixView<T> head_rows(const Tensor<T>& t, int64_t b, int64_t h) {
+  return {t.data + b * t.stride[0] + h * t.stride[1], t.shape[2], t.shape[3], t.stride[2], t.stride[3]};
+}
+
+/// The [N] validity row of sequence b (null: all valid).
+inline const uint8_t* mask_row(const uint8_t* mask, int64_t batch_stride, int64_t b) {
+  return mask == nullptr ? nullptr : mask + b * batch_stride;
+}
+
+template <class T>
+constexpr void require_cpu_type() {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                "effattn: the CPU backend computes in float or double");
+}
+
+}  // namespace cpu
+}  // namespace effattn

@@ -1,0 +1,145 @@
+// Helpers of the backward suites: owned, poisoned gradient buffers, their check against a float64
+// reference, and directional finite differences of a float64 forward reference.
+#pragma once
+#include <functional>
+#include <random>
+#include <vector>
+
+#include "test_util.hpp"
+
+namespace testing_util {
+
+/// Gradient buffers shaped like q, k, v (and optionally the proxies), NaN-poisoned with a sentinel
+/// around each view, so expect_matches sees every element written and nothing outside.
+template <class T>
+struct GradData {
+  HostTensor<T> dq, dk, dv;
+  std::vector<HostTensor<T>> dproxy;  // [0] dproxy_q, [1] dproxy_k when the method has proxies
+  template <class U>
+  GradData(const Tensor<U>& q, const Tensor<U>& k, const Tensor<U>& v, Layout layout)
+      : dq(q.shape[0], q.shape[1], q.shape[2], q.shape[3], layout),
+        dk(k.shape[0], k.shape[1], k.shape[2], k.shape[3], layout),
+        dv(v.shape[0], v.shape[1], v.shape[2], v.shape[3], layout) {
+    for (auto* t : {&dq, &dk, &dv}) prepare(*t);
+  }
+  template <class U>
+  void add_proxies(const Tensor<U>& pq, const Tensor<U>& pk, Layout layout) {
+    dproxy.emplace_back(pq.shape[0], pq.shape[1], pq.shape[2], pq.shape[3], layout);
+    dproxy.emplace_back(pk.shape[0], pk.shape[1], pk.shape[2], pk.shape[3], layout);
+    for (auto& t : dproxy) prepare(t);
+  }
+  effattn::Grads<T> grads() {
+    effattn::Grads<T> g{dq.view, dk.view, dv.view, {}, {}};
+    if (!dproxy.empty()) g.dproxy_q = dproxy[0].view, g.dproxy_k = dproxy[1].view;
+    return g;
+  }
+  static T sentinel() { return T(-777); }
+  /// Each gradient within `tolerance` of the reference, relative to the largest element of its
+  /// magnitude (ref::Grads::size).
+  void expect_matches(const ref::Grads& r, double tolerance) const {
+    const char* names[5] = {"dq", "dk", "dv", "dproxy_q", "dproxy_k"};
+    const HostTensor<T>* mine[5] = {&dq, &dk, &dv, dproxy.empty() ? nullptr : &dproxy[0],
+                                    dproxy.empty() ? nullptr : &dproxy[1]};
+    const ref::Result* theirs[5] = {&r.dq, &r.dk, &r.dv, &r.dproxy_q, &r.dproxy_k};
+    const ref::Result* sizes[5] = {&r.size.dq, &r.size.dk, &r.size.dv, &r.size.dproxy_q, &r.size.dproxy_k};
+    for (int i = 0; i < 5; ++i) {
+      if (mine[i] == nullptr) continue;
+      SCOPED_TRACE(names[i]);
+      EXPECT_LE(relative_error(mine[i]->view, *theirs[i], sizes[i]), tolerance) << names[i];
+      EXPECT_TRUE(outside_untouched(*mine[i], sentinel())) << "wrote outside the " << names[i] << " view";
+    }
+  }
+
+ private:
+  static void prepare(HostTensor<T>& t) {
+    t.poison();
+    mark_outside(t, sentinel());
+  }
+};
+
+/// Sum over the view of a (a Tensor) times b (a reference Result of the same logical shape).
+template <class T>
+double dot(const Tensor<T>& a, const ref::Result& b) {
+  double s = 0;
+  for (int64_t i = 0; i < b.B; ++i)
+    for (int64_t h = 0; h < b.H; ++h)
+      for (int64_t n = 0; n < b.N; ++n)
+        for (int64_t c = 0; c < b.Dv; ++c) s += ref::at(a, i, h, n, c) * b(i, h, n, c);
+  return s;
+}
+
+/// Directional finite differences of a float64 forward: for inputs x (contiguous double tensors)
+/// and directions δ of the same shapes, compares d/dt ⟨dO, f(x + tδ)⟩ at t = 0 (5-point stencil,
+/// error O(h⁴)) with the analytic ⟨grad, δ⟩ = Σ ⟨grads[i], δ[i]⟩. Returns |fd − analytic| divided
+/// by Σ |grad · δ| elementwise (the size of the terms, so cancellation cannot hide an error).
+struct DirectionalCheck {
+  std::vector<HostTensor<double>*> inputs;
+  std::vector<const ref::Result*> grads;  // the analytic gradient of each input
+  std::function<double()> objective;      // ⟨dO, f(inputs)⟩ at the inputs' current values
+  double step = 1e-3;
+
+  double relative_error() {
+    std::normal_distribution<double> n(0.0, 1.0);
+    std::vector<std::vector<double>> dirs;
+    double analytic = 0, size = 0;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      std::vector<double> d(inputs[i]->storage.size());
+      for (double& x : d) x = n(rng());
+      const auto& v = inputs[i]->view;
+      const ref::Result& g = *grads[i];
+      for (int64_t b = 0; b < g.B; ++b)
+        for (int64_t h = 0; h < g.H; ++h)
+          for (int64_t s = 0; s < g.N; ++s)
+            for (int64_t c = 0; c < g.Dv; ++c) {
+              const double term = g(b, h, s, c) * d[static_cast<size_t>(v.offset(b, h, s, c))];
+              analytic += term;
+              size += std::abs(term);
+            }
+      dirs.push_back(std::move(d));
+    }
+    const auto at = [&](double t) {
+      std::vector<std::vector<double>> saved;
+      for (size_t i = 0; i < inputs.size(); ++i) {
+        saved.push_back(inputs[i]->storage);
+        for (size_t e = 0; e < dirs[i].size(); ++e) inputs[i]->storage[e] += t * dirs[i][e];
+      }
+      const double f = objective();
+      for (size_t i = 0; i < inputs.size(); ++i) inputs[i]->storage = saved[i];
+      return f;
+    };
+    const double h = step;
+    const double fd = (at(-2 * h) - 8 * at(-h) + 8 * at(h) - at(2 * h)) / (12 * h);
+    return size > 0 ? std::abs(fd - analytic) / size : std::abs(fd - analytic);
+  }
+};
+
+/// ⟨dO, r⟩ over a reference result.
+inline double inner(const ref::Result& dO, const ref::Result& r) {
+  double s = 0;
+  for (size_t i = 0; i < r.a.size(); ++i) s += dO.a[i] * r.a[i];
+  return s;
+}
+
+/// A double copy of a view, contiguous [B, H, S, D].
+template <class T>
+HostTensor<double> to_double(const Tensor<T>& t) {
+  HostTensor<double> c(t.shape[0], t.shape[1], t.shape[2], t.shape[3]);
+  for (int64_t b = 0; b < t.shape[0]; ++b)
+    for (int64_t h = 0; h < t.shape[1]; ++h)
+      for (int64_t s = 0; s < t.shape[2]; ++s)
+        for (int64_t d = 0; d < t.shape[3]; ++d) c.view(b, h, s, d) = ref::at(t, b, h, s, d);
+  return c;
+}
+
+/// A view's values as a reference Result (contiguous double).
+template <class T>
+ref::Result as_result(const Tensor<T>& t) {
+  ref::Result r(t.shape[0], t.shape[1], t.shape[2], t.shape[3]);
+  for (int64_t b = 0; b < r.B; ++b)
+    for (int64_t h = 0; h < r.H; ++h)
+      for (int64_t s = 0; s < r.N; ++s)
+        for (int64_t d = 0; d < r.Dv; ++d) r(b, h, s, d) = ref::at(t, b, h, s, d);
+  return r;
+}
+
+}  // namespace testing_util
