@@ -5,6 +5,7 @@
 #include "effattn/core/check.hpp"
 #include "effattn/core/error.hpp"
 #include "effattn/core/exec.hpp"
+#include "effattn/core/memory.hpp"
 #include "effattn/core/methods.hpp"
 #include "effattn/core/philox.hpp"
 #include "effattn/core/tensor.hpp"

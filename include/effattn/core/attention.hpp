@@ -3,8 +3,10 @@
 #pragma once
 #include <cstddef>
 #include <type_traits>
+#include <vector>
 
 #include "effattn/core/exec.hpp"
+#include "effattn/core/memory.hpp"
 #include "effattn/core/methods.hpp"
 #include "effattn/core/tensor.hpp"
 
@@ -72,12 +74,29 @@ struct Grads {
   Tensor<T> dproxy_q, dproxy_k;
 };
 
+namespace detail {
+/// What a backward call reads besides q, k, v, masks and the method (out, dout, the forward's lse)
+/// and what it writes (the gradients), for check_call_memory.
+template <class T>
+std::vector<NamedRange> backward_ranges(const Tensor<const T>& out, const Tensor<const T>& dout, const Grads<T>& g,
+                                        const Tensor<const acc_t<T>>* lse = nullptr) {
+  std::vector<NamedRange> r{named("out", out),           named("dout", dout),
+                            named("grads.dq", g.dq),     named("grads.dk", g.dk),
+                            named("grads.dv", g.dv),     named("grads.dproxy_q", g.dproxy_q),
+                            named("grads.dproxy_k", g.dproxy_k)};
+  if (lse != nullptr) r.push_back(named("lse", *lse));
+  return r;
+}
+}  // namespace detail
+
 /// out = Method-attention(q, k, v). q [B,H,Nq,D], k [B,Hk,Nk,D], v [B,Hk,Nk,Dv], out [B,H,Nq,Dv].
 template <class Backend, class Method, class T>
 void attention(const Method& m, Tensor<const detail::identity_t<T>> q, Tensor<const detail::identity_t<T>> k,
                Tensor<const detail::identity_t<T>> v, Tensor<T> out, const Masks& masks = {},
                const Exec<Backend>& exec = {}) {
   static_assert(!std::is_const_v<T>, "effattn::attention: out must be a mutable Tensor<T>");
+  detail::check_call_memory<Backend, Method, T>("effattn::attention", m, exec, q, k, v, masks,
+                                                {detail::named("out", out)});
   Operator<Backend, Method>::template run<T>(m, q, k, v, out, masks, exec);
 }
 
@@ -91,6 +110,8 @@ void attention_with_lse(const Softmax& m, Tensor<const detail::identity_t<T>> q,
                         Tensor<const detail::identity_t<T>> k, Tensor<const detail::identity_t<T>> v, Tensor<T> out,
                         Tensor<acc_t<T>> lse, const Masks& masks = {}, const Exec<Backend>& exec = {}) {
   static_assert(!std::is_const_v<T>, "effattn::attention_with_lse: out must be a mutable Tensor<T>");
+  detail::check_call_memory<Backend, Softmax, T>("effattn::attention_with_lse", m, exec, q, k, v, masks,
+                                                 {detail::named("out", out), detail::named("lse", lse)});
   Operator<Backend, Softmax>::template run_with_lse<T>(m, q, k, v, out, lse, masks, exec);
 }
 
@@ -104,6 +125,8 @@ void attention_backward(const Method& m, Tensor<const detail::identity_t<T>> q,
                         const Grads<T>& grads, const Masks& masks = {}, const Exec<Backend>& exec = {}) {
   static_assert(!std::is_const_v<T>, "effattn::attention_backward: grads must be mutable Tensor<T> views");
   detail::require_backward<Backend, Method>();
+  detail::check_call_memory<Backend, Method, T>("effattn::attention_backward", m, exec, q, k, v, masks,
+                                                detail::backward_ranges(out, dout, grads));
   Operator<Backend, Method>::template backward<T>(m, q, k, v, out, dout, grads, masks, exec);
 }
 
@@ -117,6 +140,8 @@ void attention_backward_with_lse(const Softmax& m, Tensor<const detail::identity
                                  const Exec<Backend>& exec = {}) {
   static_assert(!std::is_const_v<T>, "effattn::attention_backward_with_lse: grads must be mutable Tensor<T> views");
   detail::require_backward<Backend, Softmax>();
+  detail::check_call_memory<Backend, Softmax, T>("effattn::attention_backward_with_lse", m, exec, q, k, v, masks,
+                                                 detail::backward_ranges(out, dout, grads, &lse));
   Operator<Backend, Softmax>::template backward_with_lse<T>(m, q, k, v, out, dout, lse, grads, masks, exec);
 }
 

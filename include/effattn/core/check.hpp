@@ -10,6 +10,7 @@
 
 #include "effattn/core/attention.hpp"
 #include "effattn/core/error.hpp"
+#include "effattn/core/memory.hpp"
 #include "effattn/core/methods.hpp"
 #include "effattn/core/tensor.hpp"
 
@@ -27,24 +28,6 @@ inline const char* kDimNames[4] = {"batch", "heads", "seq", "dim"};
 template <class T>
 std::string shape_str(const Tensor<T>& t) {
   return concat("[", t.shape[0], ", ", t.shape[1], ", ", t.shape[2], ", ", t.shape[3], "]");
-}
-
-/// Byte range [lo, hi) that a view can touch; empty for empty views.
-template <class T>
-std::array<uintptr_t, 2> byte_range(const Tensor<T>& t) {
-  int64_t lo = 0, hi = 0;
-  for (int i = 0; i < 4; ++i) {
-    const int64_t reach = (t.shape[i] - 1) * t.stride[i];
-    (reach < 0 ? lo : hi) += reach;
-  }
-  const auto base = reinterpret_cast<uintptr_t>(t.data);
-  return {base + lo * sizeof(T), base + (hi + 1) * sizeof(T)};
-}
-
-template <class A, class B>
-bool overlaps(const Tensor<A>& a, const Tensor<B>& b) {
-  const auto ra = byte_range(a), rb = byte_range(b);
-  return ra[0] < rb[1] && rb[0] < ra[1];
 }
 
 template <class T>
@@ -126,22 +109,15 @@ Dims check_attention(const char* where, const Tensor<const T>& q, const Tensor<c
   for (int i = 0; i < 3; ++i)
     require(!overlaps(*ins[i], out), where, ": out overlaps input ", names[i],
             " in memory; attention cannot run in place");
+  const NamedRange mine = named("out", out);
+  for (const NamedRange& m : mask_ranges(masks, d.B, d.Nq, d.Nk))
+    require(!ranges_meet(mine.range, m.range), where, ": out overlaps ", m.name, " in memory");
   return d;
 }
 
-/// A named byte range [lo, hi) that an output must not overlap.
-struct NamedRange {
-  const char* name;
-  std::array<uintptr_t, 2> range;
-};
-template <class T>
-NamedRange named(const char* name, const Tensor<T>& t) {
-  return {name, t.data == nullptr ? std::array<uintptr_t, 2>{0, 0} : byte_range(t)};
-}
-
 /// The backward's inputs and gradients: out and dout of shape [B, H, Nq, Dv], each gradient shaped
-/// like its input, writable, and overlapping neither an input (nor `reads`, e.g. proxies) nor
-/// another gradient. dproxy_q/dproxy_k are checked by the method (only Proxy has them).
+/// like its input, writable, and overlapping neither an input (masks included; nor `reads`, e.g.
+/// proxies) nor another gradient. dproxy_q/dproxy_k are checked by the method (only Proxy has them).
 template <class T>
 Dims check_backward(const char* where, const Tensor<const T>& q, const Tensor<const T>& k, const Tensor<const T>& v,
                     const Tensor<const T>& out, const Tensor<const T>& dout, const Grads<T>& g, const Masks& masks,
@@ -154,12 +130,11 @@ Dims check_backward(const char* where, const Tensor<const T>& q, const Tensor<co
   check_shape(where, "grads.dk", g.dk, k.shape, "k's shape");
   check_shape(where, "grads.dv", g.dv, v.shape, "v's shape");
   std::vector<NamedRange> ins{named("q", q), named("k", k), named("v", v), named("out", out), named("dout", dout)};
+  for (const NamedRange& m : mask_ranges(masks, d.B, d.Nq, d.Nk)) ins.push_back(m);
   ins.insert(ins.end(), reads.begin(), reads.end());
   const NamedRange outs[5] = {named("grads.dq", g.dq), named("grads.dk", g.dk), named("grads.dv", g.dv),
                               named("grads.dproxy_q", g.dproxy_q), named("grads.dproxy_k", g.dproxy_k)};
-  const auto hit = [](const NamedRange& a, const NamedRange& b) {
-    return a.range[0] < a.range[1] && b.range[0] < b.range[1] && a.range[0] < b.range[1] && b.range[0] < a.range[1];
-  };
+  const auto hit = [](const NamedRange& a, const NamedRange& b) { return ranges_meet(a.range, b.range); };
   for (int i = 0; i < 5; ++i) {
     for (const NamedRange& in : ins)
       require(!hit(outs[i], in), where, ": ", outs[i].name, " overlaps input ", in.name,

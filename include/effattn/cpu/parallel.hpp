@@ -1,6 +1,7 @@
 // Threads for the CPU backend: a parallel loop over independent work items, each thread with
 // its own slice of the workspace.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <exception>
 
@@ -14,11 +15,13 @@
 namespace effattn {
 namespace cpu {
 
-/// Threads a call will use: exec.threads, or OpenMP's default when 0.
+/// Threads a call will use: exec.threads (0..Exec<Cpu>::max_threads, else an Error), or OpenMP's
+/// default when 0, capped at max_threads; parallel_for further caps it at the work items.
 inline int thread_count(const Exec<Cpu>& exec) {
-  detail::require(exec.threads >= 0, "effattn: exec.threads = ", exec.threads, " must be >= 0 (0 = default)");
+  detail::require(exec.threads >= 0 && exec.threads <= Exec<Cpu>::max_threads, "effattn: exec.threads = ",
+                  exec.threads, " must be in [0, ", Exec<Cpu>::max_threads, "] (0 = OpenMP's default)");
 #ifdef _OPENMP
-  return exec.threads > 0 ? exec.threads : omp_get_max_threads();
+  return exec.threads > 0 ? exec.threads : std::min(omp_get_max_threads(), Exec<Cpu>::max_threads);
 #else
   return 1;
 #endif

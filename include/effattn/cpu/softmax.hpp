@@ -67,8 +67,11 @@ struct Operator<Cpu, Softmax> {
                       Tensor<T> out, const Tensor<T>* lse, const Masks& masks, const Exec<Cpu>& exec) {
     cpu::require_cpu_type<T>();
     const detail::Dims d = detail::check_attention(where, q, k, v, out, masks);
-    if (lse != nullptr) check_lse(where, *lse, d, {detail::named("q", q), detail::named("k", k),
-                                                   detail::named("v", v), detail::named("out", out)});
+    if (lse != nullptr) {
+      const auto mask_bytes = detail::mask_ranges(masks, d.B, d.Nq, d.Nk);
+      check_lse(where, *lse, d, {detail::named("q", q), detail::named("k", k), detail::named("v", v),
+                                 detail::named("out", out), mask_bytes[0], mask_bytes[1]});
+    }
     const T scale = static_cast<T>(detail::resolve_scale(where, m.scale, d.D));
     const int threads = cpu::thread_count(exec);
     const int64_t tiles = query_tiles(d.Nq);
