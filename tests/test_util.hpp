@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -29,16 +30,56 @@ inline uint64_t base_seed() {
   return seed;
 }
 
-/// A generator per test, derived from the base seed; failures print the seed to rerun with.
+/// The seed of one test: the base seed mixed with the test's full name (suite.name), so a test's
+/// draws do not depend on which tests ran before it.
+inline uint64_t seed_for(uint64_t base, const std::string& full_name) {
+  uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a of the name
+  for (unsigned char c : full_name) h = (h ^ c) * 0x100000001b3ull;
+  uint64_t z = base ^ h;  // then a splitmix64 finalizer
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+/// A generator per test: reseeded with seed_for(base_seed(), name) as each test starts (by the
+/// listener below), so EFFATTN_TEST_SEED=<base> ./test --gtest_filter=<name> replays exactly the
+/// draws of that test; a failing test prints that command line.
 inline std::mt19937_64& rng() {
   static std::mt19937_64 gen(base_seed());
   return gen;
 }
 
-enum class Layout { bhsd, bshd, padded };  // padded: bhsd with gaps between rows and heads
+/// Reseeds rng() per test and prints how to replay a failing one.
+class SeedListener : public ::testing::EmptyTestEventListener {
+ public:
+  static std::string full_name(const ::testing::TestInfo& t) {
+    return std::string(t.test_suite_name()) + "." + t.name();
+  }
+  void OnTestStart(const ::testing::TestInfo& t) override { rng().seed(seed_for(base_seed(), full_name(t))); }
+  void OnTestEnd(const ::testing::TestInfo& t) override {
+    if (t.result() != nullptr && t.result()->Failed())
+      std::printf("[ replay   ] EFFATTN_TEST_SEED=%llu <this test binary> --gtest_filter='%s'\n",
+                  static_cast<unsigned long long>(base_seed()), full_name(t).c_str());
+  }
+};
+inline const bool seed_listener_installed = [] {
+  ::testing::UnitTest::GetInstance()->listeners().Append(new SeedListener);  // gtest owns it
+  return true;
+}();
+
+// padded: bhsd with gaps between rows and heads; strided: bhsd with every element two apart
+// (innermost stride 2); transposed: [B, H, D, S] memory (innermost, dim, stride S).
+enum class Layout { bhsd, bshd, padded, strided, transposed };
 
 inline const char* layout_name(Layout l) {
-  return l == Layout::bhsd ? "bhsd" : l == Layout::bshd ? "bshd" : "padded";
+  switch (l) {
+    case Layout::bhsd: return "bhsd";
+    case Layout::bshd: return "bshd";
+    case Layout::padded: return "padded";
+    case Layout::strided: return "strided";
+    case Layout::transposed: return "transposed";
+  }
+  return "?";
 }
 
 /// Owns storage for a logical [B, H, S, D] tensor in the given layout.
@@ -54,6 +95,12 @@ struct HostTensor {
       const int64_t row = d + 3, head = s * row + 5, batch = h * head + 7;
       storage.resize(static_cast<size_t>(b * batch));
       view = Tensor<T>(storage.data(), {b, h, s, d}, {batch, head, row, 1});
+    } else if (layout == Layout::strided) {
+      storage.resize(static_cast<size_t>(2 * b * h * s * d));
+      view = Tensor<T>(storage.data(), {b, h, s, d}, {2 * h * s * d, 2 * s * d, 2 * d, 2});
+    } else if (layout == Layout::transposed) {
+      storage.resize(static_cast<size_t>(b * h * s * d));
+      view = Tensor<T>(storage.data(), {b, h, s, d}, {h * d * s, d * s, 1, s});
     } else {
       storage.resize(static_cast<size_t>(b * h * s * d));
       view = effattn::bhsd(storage.data(), b, h, s, d);
