@@ -1,6 +1,7 @@
 // CPU Nyström attention against the float64 reference of DESIGN.md: odd N, M in {1, 16, 64, 128},
 // N divisible by M or not, masks with fully masked sequences, grouped heads, strided views,
 // Dv != D, the exact-softmax fallback, and every error path.
+#include <Eigen/SVD>
 #include <effattn/effattn.hpp>
 #include <type_traits>
 
@@ -27,6 +28,34 @@ std::string describe(const Case& c) {
          (c.masks ? " masks" : "") + " " + layout_name(c.layout);
 }
 
+/// The rounding level of the pseudo-inverse, max over (batch, head) of cond(K2) · eps(T), K2 from
+/// the reference's landmarks. Converged far (beyond the default 6 iterations) the output is as
+/// sensitive as pinv(K2): a rounding-level difference between two evaluations of K2 moves it by
+/// about that much (see landmark_core_test.cpp, where the pinv residual is bounded the same way).
+template <class T>
+double pinv_rounding(const Case& c, const effattn::Tensor<const T>& q, const effattn::Tensor<const T>& k,
+                     const effattn::Masks& masks) {
+  const double s = ref::default_scale(c.scale, c.D);
+  double worst = 0;
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t h = 0; h < c.H; ++h) {
+      const auto query_ok = [&](int64_t i) { return ref::valid(masks.query_valid, masks.query_batch_stride, b, i); };
+      const auto key_ok = [&](int64_t j) { return ref::valid(masks.key_valid, masks.key_batch_stride, b, j); };
+      const ref::Landmarks lq = ref::segment_means(ref::head(q, b, h), query_ok, c.M);
+      const ref::Landmarks lk = ref::segment_means(ref::head(k, b, h / (c.H / c.Hk)), key_ok, c.M);
+      const ref::Mat K2 = ref::softmax_rows(lq.L, lk.L, s, [&](int64_t i, int64_t j) { return lq.kept[size_t(i)] && lk.kept[size_t(j)]; });
+      Eigen::MatrixXd K(K2.rows, K2.cols);
+      for (int64_t i = 0; i < K2.rows; ++i)
+        for (int64_t j = 0; j < K2.cols; ++j) K(i, j) = K2(i, j);
+      const Eigen::VectorXd sv = Eigen::JacobiSVD<Eigen::MatrixXd>(K).singularValues();
+      double smallest = 0;  // the smallest nonzero singular value (dropped landmarks give zeros)
+      for (int64_t i = 0; i < sv.size(); ++i)
+        if (sv(i) > sv(0) * 1e-300) smallest = sv(i);
+      worst = std::max(worst, sv(0) / smallest * std::numeric_limits<T>::epsilon());
+    }
+  return worst;
+}
+
 template <class T>
 void run_case(const Case& c, int threads = 0) {
   SCOPED_TRACE(describe(c));
@@ -50,7 +79,15 @@ void run_case(const Case& c, int threads = 0) {
   effattn::attention<effattn::Cpu>(m, q.cview(), k.cview(), v.cview(), out.view, masks,
                                    effattn::Exec<effattn::Cpu>{threads});
   const ref::Result r = ref::nystrom(q.cview(), k.cview(), v.cview(), masks, c.M, c.iterations, c.scale);
-  data.expect_matches(r, cpu_tolerance<T>());
+  double tolerance = cpu_tolerance<T>();
+  if (c.iterations > 6 && !effattn::detail::nystrom_is_exact({c.M}, c.Nq, c.Nk)) {
+    const double rounding = pinv_rounding(c, q.cview(), k.cview(), masks);
+    if (std::getenv("NYSTROM_TEST_VERBOSE"))
+      std::printf("iters %d err %.3g rounding %.3g ratio %.3g\n", c.iterations, relative_error(out.view, r), rounding,
+                  relative_error(out.view, r) / rounding);
+    tolerance = std::max(tolerance, rounding);
+  }
+  data.expect_matches(r, tolerance);
 }
 
 template <class T>
