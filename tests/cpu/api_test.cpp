@@ -2,6 +2,9 @@
 // argument and the values seen.
 #include <effattn/effattn.hpp>
 
+#include "reference/favor.hpp"
+#include "reference/landmark.hpp"
+#include "reference/softmax.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -27,8 +30,9 @@ TEST(Api, ErrorIsInvalidArgument) { static_assert(std::is_base_of_v<std::invalid
 
 TEST(Api, ValidProblemRuns) {
   Problem p;
+  p.out.poison();
   p.run(p.q.view, p.k.view, p.v.view, p.out.view);
-  for (float x : p.out.storage) EXPECT_TRUE(std::isfinite(x));
+  EXPECT_LE(relative_error(p.out.view, ref::softmax(p.q.cview(), p.k.cview(), p.v.cview(), {}, 0, false)), 1e-5);
 }
 
 TEST(Api, ShapeDisagreements) {
@@ -71,7 +75,8 @@ TEST(Api, OutputOverlappingAnInput) {
                {"out overlaps input q"});
   HostTensor<float> kv(1, 1, 16, 8);
   kv.fill_normal();
-  // out shares memory with v only.
+  // out shares memory with k and v (k reported first; v alone and partial overlaps:
+  // hardening_test.cpp).
   expect_error([&] { effattn::attention<Cpu>(effattn::Softmax{}, x.cview(), kv.cview(), kv.cview(), kv.view); },
                {"out overlaps input k"});
 }
@@ -97,13 +102,34 @@ TEST(Api, BadScaleThreadsAndMaskStrides) {
       {"exec.threads = -2"});
 }
 
+// One mask row shared by the batch (batch stride 0, B = 2): every operator against its reference,
+// which reads the masks the same way (row b at b * stride).
 TEST(Api, SharedMaskRowWithZeroBatchStride) {
   Problem p;
-  std::vector<uint8_t> km(12, 1);
-  km[3] = 0;
+  std::vector<uint8_t> km(12, 1), qm(10, 1);
+  km[3] = km[7] = 0;
+  qm[2] = 0;
+  const effattn::Masks masks{qm.data(), 0, km.data(), 0};
+  const auto q = p.q.cview(), k = p.k.cview(), v = p.v.cview();
   p.out.poison();
-  p.run(p.q.view, p.k.view, p.v.view, p.out.view, {nullptr, 0, km.data(), 0});
-  for (float x : p.out.storage) EXPECT_TRUE(std::isfinite(x));
+  p.run(q, k, v, p.out.view, masks);
+  EXPECT_LE(relative_error(p.out.view, ref::softmax(q, k, v, masks, 0, false)), 1e-5) << "Softmax";
+  p.out.poison();
+  effattn::attention<Cpu>(effattn::Nystrom{3}, q, k, v, p.out.view, masks);
+  EXPECT_LE(relative_error(p.out.view, ref::nystrom(q, k, v, masks, 3, 6, 0)), 1e-5) << "Nystrom";
+  HostTensor<float> proxies(1, 4, 5, 8);
+  proxies.fill_normal();
+  p.out.poison();
+  effattn::attention<Cpu>(effattn::Proxy<float>{proxies.cview(), proxies.cview()}, q, k, v, p.out.view, masks);
+  EXPECT_LE(relative_error(p.out.view, ref::proxy(q, k, v, masks, proxies.cview(), proxies.cview(), 6, 0, 0, 0)), 1e-5)
+      << "Proxy";
+  const std::vector<float> w = effattn::favor_projection(5, 4, 32, 8);
+  const effattn::Tensor<const float> proj(w.data(), {1, 4, 32, 8}, {4 * 32 * 8, 32 * 8, 8, 1});
+  p.out.poison();
+  effattn::attention<Cpu>(effattn::Favor{proj}, q, k, v, p.out.view, masks);
+  EXPECT_LE(relative_error(p.out.view, ref::favor(q, k, v, masks, proj, effattn::FeatureMap::positive, false, 0, 0)),
+            1e-5)
+      << "Favor";
 }
 
 TEST(Api, ColumnKeepIsDeterministicAndHonorsP) {
