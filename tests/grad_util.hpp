@@ -57,6 +57,35 @@ struct GradData {
   }
 };
 
+/// One backward problem: AttentionData's inputs, masks (the last sequence has no valid key, the
+/// first of 3+ no valid query), a random upstream gradient dout, and the forward's out.
+template <class T>
+struct BackwardData {
+  AttentionData<T> data;
+  HostTensor<T> dout;
+  std::vector<uint8_t> qm, km;
+  effattn::Masks masks;
+  BackwardData(int64_t B, int64_t H, int64_t Hk, int64_t Nq, int64_t Nk, int64_t D, int64_t Dv, bool with_masks,
+               Layout layout)
+      : data(B, H, Hk, Nq, Nk, D, Dv, layout), dout(B, H, Nq, Dv, layout) {
+    dout.fill_normal();
+    if (with_masks) {
+      km = random_mask(B, Nk, 0.7, B > 1 ? B - 1 : -1);
+      qm = random_mask(B, Nq, 0.8, B > 2 ? 0 : -1);
+      masks = {qm.data(), Nq, km.data(), Nk};
+    }
+  }
+  template <class Method>
+  void forward(const Method& m) {
+    effattn::attention<effattn::Cpu>(m, data.q.cview(), data.k.cview(), data.v.cview(), data.out.view, masks);
+  }
+  template <class Method>
+  void backward(const Method& m, const effattn::Grads<T>& g, int threads = 0) {
+    effattn::attention_backward<effattn::Cpu>(m, data.q.cview(), data.k.cview(), data.v.cview(), data.out.cview(),
+                                              dout.cview(), g, masks, effattn::Exec<effattn::Cpu>{threads});
+  }
+};
+
 /// Sum over the view of a (a Tensor) times b (a reference Result of the same logical shape).
 template <class T>
 double dot(const Tensor<T>& a, const ref::Result& b) {
