@@ -119,6 +119,12 @@ TEST(ProxyBackwardReference, MatchesFiniteDifferencesOfTheForward) {
                              return inner(dO, ref::proxy(q.cview(), k.cview(), v.cview(), pp.p.masks, pq.cview(),
                                                          pk.cview(), c.iterations, c.dropout, pp.seed, c.scale));
                            }};
+    check.branches = [&] {
+      std::vector<int64_t> b;
+      ref::proxy(q.cview(), k.cview(), v.cview(), pp.p.masks, pq.cview(), pk.cview(), c.iterations, c.dropout, pp.seed,
+                 c.scale, &b);
+      return b;
+    };
     for (int rep = 0; rep < 3; ++rep) EXPECT_LE(check.relative_error(), 1e-7);
   }
 }

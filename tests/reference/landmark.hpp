@@ -106,6 +106,20 @@ inline std::vector<Mat> newton_schulz_iterates(const Mat& K2, int iterations) {
 
 inline Mat newton_schulz(const Mat& K2, int iterations) { return newton_schulz_iterates(K2, iterations).back(); }
 
+/// The discrete choices of one Newton–Schulz (see landmark_head's `branches`).
+inline void record_branches(const Mat& K2, const std::vector<Mat>& zs, std::vector<int64_t>& out) {
+  const Z0Scale z0 = z0_scale(K2);
+  double second = -1e300;
+  for (int64_t j = 0; j < K2.rows; ++j) {
+    double row = 0;
+    for (int64_t i = 0; i < K2.rows; ++i) row += K2(j, i);
+    if (j != z0.row) second = std::max(second, row);
+  }
+  out.push_back(z0.column);
+  out.push_back(z0.r - second > 1e-9 * std::abs(z0.r) ? z0.row : -1);
+  out.push_back(static_cast<int64_t>(zs.size()));
+}
+
 /// The gradient with respect to K2 of Z = newton_schulz(K2) for dZ = ∂L/∂Z, written from the
 /// expanded step Z' = ¼ Z p(X), p(X) = 13I − 15X + 7X² − X³, X = K2 Z:
 ///   ∂Z += G' p(X)ᵀ, H = Zᵀ G', ∂X = −15H + 7(H Xᵀ + Xᵀ H) − (H X²ᵀ + Xᵀ H Xᵀ + X²ᵀ H),
@@ -159,9 +173,12 @@ inline Mat newton_schulz_backward(const Mat& K2, const std::vector<Mat>& zs, Mat
 /// query landmarks zero, dropped key landmarks excluded), K3 = softmax_row(s Lq Kᵀ) over valid keys
 /// (rows of dropped query landmarks zero). K2's column c is multiplied by column_scale[c] (dropout)
 /// before the inverse. iterations < 0: no inverse (Z = I).
+/// `branches`, when given, receives the discrete choices the function makes (Z0's arg-max column,
+/// its arg-max row unless the top row sums tie to rounding — then the choice cannot matter —, and
+/// the Newton–Schulz steps): finite differences are valid only where they stay the same.
 inline Mat landmark_head(const Mat& Q, const Mat& K, const Mat& V, const Landmarks& lq, const Landmarks& lk,
                          const std::function<bool(int64_t)>& key_valid, double s, int iterations,
-                         const std::vector<double>& column_scale) {
+                         const std::vector<double>& column_scale, std::vector<int64_t>* branches = nullptr) {
   const auto kept = [](const Landmarks& l, int64_t i) { return bool(l.kept[static_cast<size_t>(i)]); };
   const Mat K1 = softmax_rows(Q, lk.L, s, [&](int64_t, int64_t j) { return kept(lk, j); });
   const Mat K3 = softmax_rows(lq.L, K, s, [&](int64_t i, int64_t j) { return kept(lq, i) && key_valid(j); });
@@ -170,7 +187,9 @@ inline Mat landmark_head(const Mat& Q, const Mat& K, const Mat& V, const Landmar
   Mat K2 = softmax_rows(lq.L, lk.L, s, [&](int64_t i, int64_t j) { return kept(lq, i) && kept(lk, j); });
   for (int64_t i = 0; i < K2.rows; ++i)
     for (int64_t j = 0; j < K2.cols; ++j) K2(i, j) *= column_scale.empty() ? 1.0 : column_scale[size_t(j)];
-  return matmul(K1, matmul(newton_schulz(K2, iterations), KV));
+  const std::vector<Mat> zs = newton_schulz_iterates(K2, iterations);
+  if (branches != nullptr) record_branches(K2, zs, *branches);
+  return matmul(K1, matmul(zs.back(), KV));
 }
 
 /// Writes head (b, h) of `out`, zeroing invalid queries.
@@ -183,7 +202,7 @@ inline void store_head(Result& out, const Mat& O, const Masks& masks, int64_t b,
 /// Nyström attention; exact softmax when min(Nq, Nk) <= landmarks.
 template <class T>
 Result nystrom(const Tensor<const T>& q, const Tensor<const T>& k, const Tensor<const T>& v, const Masks& masks,
-               int64_t landmarks, int iterations, double scale) {
+               int64_t landmarks, int iterations, double scale, std::vector<int64_t>* branches = nullptr) {
   const int64_t B = q.shape[0], H = q.shape[1], Hk = k.shape[1], Nq = q.shape[2], Nk = k.shape[2];
   if (std::min(Nq, Nk) <= landmarks) return softmax(q, k, v, masks, scale, false);
   const double s = default_scale(scale, q.shape[3]);
@@ -195,7 +214,7 @@ Result nystrom(const Tensor<const T>& q, const Tensor<const T>& k, const Tensor<
       const auto query_ok = [&](int64_t i) { return valid(masks.query_valid, masks.query_batch_stride, b, i); };
       const auto key_ok = [&](int64_t j) { return valid(masks.key_valid, masks.key_batch_stride, b, j); };
       const Landmarks lq = segment_means(Q, query_ok, landmarks), lk = segment_means(K, key_ok, landmarks);
-      store_head(out, landmark_head(Q, K, V, lq, lk, key_ok, s, iterations, {}), masks, b, h);
+      store_head(out, landmark_head(Q, K, V, lq, lk, key_ok, s, iterations, {}, branches), masks, b, h);
     }
   return out;
 }
@@ -206,7 +225,7 @@ Result nystrom(const Tensor<const T>& q, const Tensor<const T>& k, const Tensor<
 template <class T>
 Result proxy(const Tensor<const T>& q, const Tensor<const T>& k, const Tensor<const T>& v, const Masks& masks,
              const Tensor<const T>& proxy_q, const Tensor<const T>& proxy_k, int iterations, float dropout,
-             uint64_t seed, double scale) {
+             uint64_t seed, double scale, std::vector<int64_t>* branches = nullptr) {
   const int64_t B = q.shape[0], H = q.shape[1], Hk = k.shape[1], M = proxy_q.shape[2];
   const double s = default_scale(scale, q.shape[3]);
   const bool shared = proxy_q.shape[0] == 1 && proxy_k.shape[0] == 1;
@@ -222,8 +241,9 @@ Result proxy(const Tensor<const T>& q, const Tensor<const T>& k, const Tensor<co
         column_scale[size_t(c)] =
             effattn::column_keep(seed, shared ? 0 : b, h, c, dropout) ? 1.0 / (1.0 - dropout) : 0.0;
       const auto key_ok = [&](int64_t j) { return valid(masks.key_valid, masks.key_batch_stride, b, j); };
-      store_head(out, landmark_head(Q, K, V, lq, lk, key_ok, s, iterations == 0 ? -1 : iterations, column_scale), masks,
-                 b, h);
+      store_head(out,
+                 landmark_head(Q, K, V, lq, lk, key_ok, s, iterations == 0 ? -1 : iterations, column_scale, branches),
+                 masks, b, h);
     }
   return out;
 }
