@@ -21,7 +21,8 @@
 # bench-softmax.json, sdpa.json.
 # Environment: EFFATTN_DEPS_PREFIX, a CMake prefix with Eigen, GoogleTest and Google Benchmark for a
 # machine without them (scripts/make_deps_prefix.sh makes one; default .devdeps/ when present);
-# GPU_CHECK_BUDGET_S (default 510: the whole run), GPU_CHECK_JOBS (default nproc),
+# GPU_CHECK_BUDGET_S (default 510: the whole run; each step's share scales with it),
+# GPU_CHECK_JOBS (default nproc),
 # GPU_CHECK_BUILD_DIR (default build/gpu-check-sm<arch>).
 # Exit status: 0 everything ran and passed; 1 something failed (build, a failed or skipped test,
 # a sanitizer error, the bench check, a sanitizer filter that names no test); 2 it could not
@@ -77,23 +78,25 @@ if [ "${1:-}" = "--filters-only" ]; then
   if check_filters "$2"; then echo "gpu_check.sh: every sanitizer filter names a test in $2"; exit 0; fi
   exit 1
 fi
-case "${1:-}" in -h|--help) sed -n '2,33p' "$0"; exit 0 ;; -*) echo "usage: $0 [OUT_DIR] | --filters-only BUILD_DIR" >&2; exit 2 ;; esac
+case "${1:-}" in -h|--help) sed -n '2,/^set /{/^set /!p}' "$0"; exit 0 ;; -*) echo "usage: $0 [OUT_DIR] | --filters-only BUILD_DIR" >&2; exit 2 ;; esac
 
 out=${1:-out/gpu-check}
 mkdir -p "$out" || exit 2
 out=$(cd "$out" && pwd)
 summary=$out/summary.txt
 t0=$(date +%s)
-end=$((t0 + ${GPU_CHECK_BUDGET_S:-510}))
+budget=${GPU_CHECK_BUDGET_S:-510}
+end=$((t0 + budget))
 : >"$summary"
 note() { echo "[$(($(date +%s) - t0)) s] $*" | tee -a "$summary"; }
 fails=0 incomplete=0
 fail() { note "FAIL: $*"; fails=$((fails + 1)); }
 skip_step() { note "NOT RUN: $*"; incomplete=$((incomplete + 1)); }
-# Seconds a step may take: at most CAP, leaving RESERVE seconds for the steps after it; 0 when
-# fewer than 10 remain (the caller then skips the step).
+# Seconds a step may take: at most CAP, leaving RESERVE seconds for the steps after it, both
+# scaled by budget / 510 (a slower machine gets a larger budget); 0 when fewer than 10 remain
+# (the caller then skips the step).
 limit() {
-  local cap=$1 reserve=$2 left
+  local cap=$(($1 * budget / 510)) reserve=$(($2 * budget / 510)) left
   left=$((end - $(date +%s) - reserve))
   ((left < cap)) && cap=$left
   ((cap < 10)) && cap=0
@@ -159,6 +162,7 @@ if ((t == 0)); then skip_step "build (budget spent)"; exit 3; fi
 timeout "$t" cmake --build "$build" -j "$jobs" --target "${targets[@]}" -- -k 0 >>"$out/build.log" 2>&1
 rc=$?
 if ((rc == 0)); then note "build: ${#targets[@]} targets for sm_$arch"
+elif ((rc == 124)); then fail "build did not finish in $t s (build.log)"
 else fail "build rc=$rc ($(grep -c ': error' "$out/build.log") compiler errors; build.log)"; fi
 
 if ! bad=$(check_filters "$build"); then

@@ -54,16 +54,26 @@ struct DeviceBuffer {
   T* data = nullptr;
   size_t size = 0;
   DeviceBuffer() = default;
-  explicit DeviceBuffer(size_t n) : size(n) {
-    if (n > 0 && cudaMalloc(&data, n * sizeof(T)) != cudaSuccess) {
-      data = nullptr;
-      size = 0;
-    }
-  }
+  explicit DeviceBuffer(size_t n) { reset(n); }
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
   ~DeviceBuffer() { cudaFree(data); }
-  bool ok() const { return data != nullptr || size == 0; }
+  /// Frees what it held and allocates n elements (ok() is false when that fails).
+  void reset(size_t n) {
+    cudaFree(data);
+    data = nullptr;
+    size = n;
+    if (n > 0 && cudaMalloc(&data, n * sizeof(T)) != cudaSuccess) {
+      (void)cudaGetLastError();  // an allocation failure is not sticky: leave no error behind
+      data = nullptr;
+      size = 0;
+      failed = true;
+    }
+  }
+  bool ok() const { return !failed; }
+
+ private:
+  bool failed = false;
 };
 
 /// A device copy of a HostTensor: same storage size and strides, so views map one to one.
@@ -181,75 +191,72 @@ inline RunOptions on_stream(cudaStream_t s) {
   return o;
 }
 
-/// q, k and v of one problem in one device buffer. Compact: each a copy of its host storage
-/// (same strides). Far: element offsets past 2^31, so that 32-bit index arithmetic anywhere in a
-/// kernel reads the wrong rows: row r of batch b starts at b·S + r·R and holds the heads side by
-/// side, [K heads | V heads | Q heads], with (min(Nq, Nk) − 1)·R ≥ 2^31 (row offsets) and
-/// S = max(Nq, Nk)·R > 2^31 (a batch stride no int holds). Only the view rows are written.
+/// q, k and v of one problem on the device. Compact: each a copy of its host storage (same
+/// strides) in an allocation of its own, so that memcheck sees an overrun of any of them. Far: one
+/// allocation with element offsets past 2^31 (see FarPlacement), so that 32-bit index arithmetic
+/// anywhere in a kernel reads the wrong rows; only the view rows are written.
 template <class T>
 struct DeviceInputs {
-  struct Placement {
+  /// Row r of batch b starts at b·batch + r·row and holds the heads side by side, [K heads | V
+  /// heads | Q heads], with (min(Nq, Nk) − 1)·row ≥ 2^31 (row offsets) and batch = max(Nq, Nk)·row
+  /// > 2^31 (a batch stride no int holds).
+  struct FarPlacement {
     size_t elements = 0;
-    int64_t at[3] = {};                      // q, k, v: offset of element (0, 0, 0, 0)
-    std::array<int64_t, 4> stride[3] = {};  // q, k, v
+    int64_t at[3] = {};                 // q, k, v: offset of element (0, 0, 0, 0)
+    std::array<int64_t, 4> stride{};  // the same for q, k and v
   };
-  Placement place;
-  std::string unavailable;  // why the far placement does not fit this device (empty: it does)
-  DeviceBuffer<T> buf;
+  DeviceBuffer<T> buf[3];  // compact: q, k, v; far: buf[0] holds all three
   effattn::Tensor<const T> q, k, v;
+  std::string unavailable;  // why the far placement does not fit this device (empty: it does)
+  bool ok = false;          // every allocation and copy succeeded
 
-  DeviceInputs(const HostTensor<T>& hq, const HostTensor<T>& hk, const HostTensor<T>& hv, bool far)
-      : place(far ? far_placement(hq, hk) : compact_placement(hq, hk, hv)),
-        unavailable(far ? room_for(place.elements * sizeof(T)) : std::string()),
-        buf(unavailable.empty() ? place.elements : 0) {
-    if (!unavailable.empty() || !buf.ok()) return;
+  DeviceInputs(const HostTensor<T>& hq, const HostTensor<T>& hk, const HostTensor<T>& hv, bool far) {
     const HostTensor<T>* host[3] = {&hq, &hk, &hv};
     effattn::Tensor<const T>* views[3] = {&q, &k, &v};
+    if (!far) {
+      for (int i = 0; i < 3; ++i) {
+        const auto& h = *host[i];
+        buf[i].reset(h.storage.size());
+        if (!buf[i].ok()) return;
+        *views[i] = effattn::Tensor<const T>(buf[i].data, h.view.shape, h.view.stride);
+        if (cudaMemcpy(buf[i].data, h.storage.data(), h.storage.size() * sizeof(T), cudaMemcpyHostToDevice) !=
+            cudaSuccess)
+          return;
+      }
+      ok = true;
+      return;
+    }
+    const FarPlacement p = far_placement(hq, hk);
+    unavailable = room_for(p.elements * sizeof(T));
+    if (!unavailable.empty()) return;
+    buf[0].reset(p.elements);
+    if (!buf[0].ok()) return;
     for (int i = 0; i < 3; ++i) {
       const effattn::Tensor<T>& h = host[i]->view;
-      *views[i] = effattn::Tensor<const T>(buf.data + place.at[i], h.shape, place.stride[i]);
-      if (!far) {
-        EXPECT_EQ(cudaMemcpy(buf.data + place.at[i], host[i]->storage.data(), host[i]->storage.size() * sizeof(T),
-                             cudaMemcpyHostToDevice),
-                  cudaSuccess);
-        continue;
-      }
-      for (int64_t b = 0; b < h.shape[0]; ++b)  // one 2-D copy per head: its rows, R apart
+      *views[i] = effattn::Tensor<const T>(buf[0].data + p.at[i], h.shape, p.stride);
+      for (int64_t b = 0; b < h.shape[0]; ++b)  // one 2-D copy per head: its rows, p.stride[2] apart
         for (int64_t hd = 0; hd < h.shape[1]; ++hd)
-          EXPECT_EQ(cudaMemcpy2D(buf.data + place.at[i] + b * place.stride[i][0] + hd * place.stride[i][1],
-                                 place.stride[i][2] * sizeof(T), &h(b, hd, 0, 0), h.stride[2] * sizeof(T),
-                                 h.shape[3] * sizeof(T), h.shape[2], cudaMemcpyHostToDevice),
-                    cudaSuccess);
+          if (cudaMemcpy2D(buf[0].data + p.at[i] + b * p.stride[0] + hd * p.stride[1], p.stride[2] * sizeof(T),
+                           &h(b, hd, 0, 0), h.stride[2] * sizeof(T), h.shape[3] * sizeof(T), h.shape[2],
+                           cudaMemcpyHostToDevice) != cudaSuccess)
+            return;
     }
+    ok = true;
   }
 
-  static size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
-
-  static Placement compact_placement(const HostTensor<T>& hq, const HostTensor<T>& hk, const HostTensor<T>& hv) {
-    Placement p;
-    const HostTensor<T>* host[3] = {&hq, &hk, &hv};
-    for (int i = 0; i < 3; ++i) {
-      p.at[i] = static_cast<int64_t>(p.elements);
-      p.stride[i] = host[i]->view.stride;
-      p.elements = round_up(p.elements + host[i]->storage.size(), 256);  // keeps 16-byte alignment
-    }
-    return p;
-  }
-
-  static Placement far_placement(const HostTensor<T>& hq, const HostTensor<T>& hk) {
+  static FarPlacement far_placement(const HostTensor<T>& hq, const HostTensor<T>& hk) {
     const auto& qs = hq.view.shape;
     const auto& ks = hk.view.shape;
     const int64_t B = qs[0], H = qs[1], Hk = ks[1], D = qs[3];
     const int64_t n_min = std::max<int64_t>(2, std::min(qs[2], ks[2])), n_max = std::max(qs[2], ks[2]);
     const int64_t width = (2 * Hk + H) * D, two31 = int64_t(1) << 31;
-    const int64_t row = static_cast<int64_t>(round_up(std::max(width, (two31 + n_min - 2) / (n_min - 1)), 64));
-    const int64_t batch = n_max * row;
-    Placement p;
-    p.elements = static_cast<size_t>((B - 1) * batch + (n_max - 1) * row + width);
+    const int64_t row = (std::max(width, (two31 + n_min - 2) / (n_min - 1)) + 63) / 64 * 64;  // 16-byte rows
+    FarPlacement p;
+    p.stride = {n_max * row, D, row, 1};
+    p.elements = static_cast<size_t>((B - 1) * p.stride[0] + (n_max - 1) * row + width);
     p.at[0] = 2 * Hk * D;  // q heads after the K and V heads
     p.at[1] = 0;
     p.at[2] = Hk * D;
-    for (auto& s : p.stride) s = {batch, D, row, 1};
     return p;
   }
 
@@ -310,7 +317,7 @@ struct DeviceProblem {
     if (!in.unavailable.empty()) GTEST_SKIP() << in.unavailable;
     DeviceTensor<T> dout(out);
     DeviceMask dqm(qm), dkm(km);
-    ASSERT_TRUE(in.buf.ok() && dout.buf.ok() && dqm.buf.ok() && dkm.buf.ok()) << "cudaMalloc failed";
+    ASSERT_TRUE(in.ok && dout.buf.ok() && dqm.buf.ok() && dkm.buf.ok()) << "cudaMalloc or cudaMemcpy failed";
     const effattn::Masks device_masks{qm.empty() ? nullptr : dqm.buf.data, host_masks.query_batch_stride,
                                       km.empty() ? nullptr : dkm.buf.data, host_masks.key_batch_stride};
     DeviceBuffer<unsigned char> ws(options.caller_workspace ? effattn::workspace_bytes<effattn::Cuda>(m, in.q, in.k, in.v)

@@ -108,7 +108,7 @@ TEST(SoftmaxCuda, FarTestPlacementPassesTwoToThe31) {
   const HostTensor<__half>* views[3] = {&q, &k, &v};
   for (int i = 0; i < 3; ++i) {
     const auto& shape = views[i]->view.shape;
-    const auto& st = p.stride[i];
+    const auto& st = p.stride;
     EXPECT_GT(st[0], std::numeric_limits<int32_t>::max()) << "batch stride of operand " << i;
     EXPECT_GE((shape[2] - 1) * st[2], two31) << "row offsets of operand " << i;
     for (int64_t x : {p.at[i], st[0], st[1], st[2]}) EXPECT_EQ(x * 2 % 16, 0) << "operand " << i;
