@@ -23,7 +23,8 @@
 # machine without them (scripts/make_deps_prefix.sh makes one; default .devdeps/ when present);
 # GPU_CHECK_BUDGET_S (default 510: the whole run; each step's share scales with it),
 # GPU_CHECK_JOBS (default nproc),
-# GPU_CHECK_BUILD_DIR (default build/gpu-check-sm<arch>).
+# GPU_CHECK_BUILD_DIR (default build/gpu-check-sm<arch>), GPU_CHECK_COMMIT (the commit to name
+# where the tree is a copy without .git).
 # Exit status: 0 everything ran and passed; 1 something failed (build, a failed or skipped test,
 # a sanitizer error, the bench check, a sanitizer filter that names no test); 2 it could not
 # start (no NVIDIA GPU, no nvcc, bad arguments); 3 nothing failed but some step did not run
@@ -119,9 +120,12 @@ nvcc=$(command -v nvcc || true)
 sanitizer=$(command -v compute-sanitizer || true)
 jobs=${GPU_CHECK_JOBS:-$(nproc)}
 build=${GPU_CHECK_BUILD_DIR:-build/gpu-check-sm$arch}
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [ -n "$(git status --porcelain --untracked-files=no -- cuda include tests bench 2>/dev/null)" ]; then
-  commit="$commit+local-changes"
+commit=${GPU_CHECK_COMMIT:-}  # for a copy of the tree without .git
+if [ -z "$commit" ]; then
+  commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+  if [ -n "$(git status --porcelain --untracked-files=no -- cuda include tests bench 2>/dev/null)" ]; then
+    commit="$commit+local-changes"
+  fi
 fi
 deps=${EFFATTN_DEPS_PREFIX:-}
 if [ -z "$deps" ] && [ -d .devdeps ]; then deps=.devdeps; fi
