@@ -133,7 +133,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float lk_tile[32][kMaxHeadDim + 1];
   const int64_t m = p.m, mm = m * m;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float* const k2 = p.scratch + blockIdx.x * 4 * mm;
+  float* const k2 = p.scratch + static_cast<int64_t>(blockIdx.x) * 4 * mm;
   float* const kz = k2 + mm;
   float* const amat = kz + mm;
   float* const smat = amat + mm;
