@@ -117,7 +117,15 @@ inline void record_branches(const Mat& K2, const std::vector<Mat>& zs, std::vect
   }
   out.push_back(z0.column);
   out.push_back(z0.r - second > 1e-9 * std::abs(z0.r) ? z0.row : -1);
-  out.push_back(static_cast<int64_t>(zs.size()));
+  // Once the residual is at rounding level the guard's stopping step is decided by rounding and
+  // cannot matter (the iterates agree to rounding): only a stop before that is a branch.
+  double last = 0;
+  {
+    Mat r = matmul(matmul(K2, zs.back()), K2);
+    for (size_t e = 0; e < r.a.size(); ++e) r.a[e] -= K2.a[e];
+    last = frobenius(r);
+  }
+  out.push_back(last > 1e-12 * frobenius(K2) ? static_cast<int64_t>(zs.size()) : -1);
 }
 
 /// The gradient with respect to K2 of Z = newton_schulz(K2) for dZ = ∂L/∂Z, written from the
