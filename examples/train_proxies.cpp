@@ -48,7 +48,7 @@
 // 1-thread speed), so --threads 0 or 2 is for machines with cores to spare.
 //
 //   train_proxies               M = 32, 300 steps, N = 512: about half a minute on 2 cores
-//   train_proxies --full        M = 8..128, 800 steps (about 25 minutes on 2 cores) (bench/results/train_proxies.md)
+//   train_proxies --full        M = 8..128, 800 steps: about 20 minutes (bench/results/train_proxies.md)
 //   train_proxies --check ...   exits 1 unless every trained variant's training loss fell by half
 //                               and its held-out error fell below its initialization's (ctest)
 #include <Eigen/Core>
