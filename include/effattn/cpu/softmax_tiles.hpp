@@ -225,7 +225,7 @@ EIGEN_ALWAYS_INLINE void qk_micro(const T* qt, int64_t d, const T* const* krow, 
     for (int64_t c = 0; c < d; ++c) {
       P qv[IB];
       EFFATTN_UNROLL
-      for (int ib = 0; ib < IB; ++ib) qv[ib] = pload<P>(qt + c * Tiles::kQuery + ib * L);
+      for (int ib = 0; ib < IB; ++ib) qv[ib] = ploadu<P>(qt + c * Tiles::kQuery + ib * L);
       EFFATTN_UNROLL
       for (int kk = 0; kk < KK; ++kk) {
         const P kv = pset1<P>(kp[kk][c]);
@@ -237,7 +237,7 @@ EIGEN_ALWAYS_INLINE void qk_micro(const T* qt, int64_t d, const T* const* krow, 
     for (int64_t c = 0; c < d; ++c) {
       P qv[IB];
       EFFATTN_UNROLL
-      for (int ib = 0; ib < IB; ++ib) qv[ib] = pload<P>(qt + c * Tiles::kQuery + ib * L);
+      for (int ib = 0; ib < IB; ++ib) qv[ib] = ploadu<P>(qt + c * Tiles::kQuery + ib * L);
       EFFATTN_UNROLL
       for (int kk = 0; kk < KK; ++kk) {
         const P kv = pset1<P>(kp[kk][c * kcs]);
@@ -264,7 +264,7 @@ EIGEN_ALWAYS_INLINE void qk_micro(const T* qt, int64_t d, const T* const* krow, 
         s = pselect(vis, s, ninf);
         smin = pselect(vis, smin, pinf);
       }
-      pstore(st + kk * W + ib * L, s);
+      pstoreu(st + kk * W + ib * L, s);
       mx[ib] = pmax(mx[ib], s);
       mn[ib] = pmin(mn[ib], smin);
     }
@@ -289,14 +289,14 @@ EIGEN_ALWAYS_INLINE void pv_micro(const T* pt, const T* const* vrow, int64_t vcs
   EFFATTN_UNROLL
   for (int cc = 0; cc < CC; ++cc)
     EFFATTN_UNROLL
-    for (int ib = 0; ib < IB; ++ib) acc[cc][ib] = pmul(pload<P>(ot + cc * Tiles::kQuery + ib * L), alpha[ib]);
+    for (int ib = 0; ib < IB; ++ib) acc[cc][ib] = pmul(ploadu<P>(ot + cc * Tiles::kQuery + ib * L), alpha[ib]);
   const int64_t off = c0 * vcs;
   if (vcs == 1) {
     for (int64_t jj = 0; jj < jf; ++jj) {
       const T* vr = vrow[jj] + off;
       P pv[IB];
       EFFATTN_UNROLL
-      for (int ib = 0; ib < IB; ++ib) pv[ib] = pload<P>(pt + jj * W + ib * L);
+      for (int ib = 0; ib < IB; ++ib) pv[ib] = ploadu<P>(pt + jj * W + ib * L);
       EFFATTN_UNROLL
       for (int cc = 0; cc < CC; ++cc) {
         const P vv = pset1<P>(vr[cc]);
@@ -309,7 +309,7 @@ EIGEN_ALWAYS_INLINE void pv_micro(const T* pt, const T* const* vrow, int64_t vcs
       const T* vr = vrow[jj] + off;
       P pv[IB];
       EFFATTN_UNROLL
-      for (int ib = 0; ib < IB; ++ib) pv[ib] = pload<P>(pt + jj * W + ib * L);
+      for (int ib = 0; ib < IB; ++ib) pv[ib] = ploadu<P>(pt + jj * W + ib * L);
       EFFATTN_UNROLL
       for (int cc = 0; cc < CC; ++cc) {
         const P vv = pset1<P>(vr[cc * vcs]);
@@ -323,7 +323,7 @@ EIGEN_ALWAYS_INLINE void pv_micro(const T* pt, const T* const* vrow, int64_t vcs
     P pv[IB], vis[IB];
     EFFATTN_UNROLL
     for (int ib = 0; ib < IB; ++ib) {
-      pv[ib] = pload<P>(pt + jj * W + ib * L);
+      pv[ib] = ploadu<P>(pt + jj * W + ib * L);
       vis[ib] = visible_lanes<P>(thr[jj] - ib * L);
     }
     EFFATTN_UNROLL
@@ -336,7 +336,7 @@ EIGEN_ALWAYS_INLINE void pv_micro(const T* pt, const T* const* vrow, int64_t vcs
   EFFATTN_UNROLL
   for (int cc = 0; cc < CC; ++cc)
     EFFATTN_UNROLL
-    for (int ib = 0; ib < IB; ++ib) pstore(ot + cc * Tiles::kQuery + ib * L, acc[cc][ib]);
+    for (int ib = 0; ib < IB; ++ib) pstoreu(ot + cc * Tiles::kQuery + ib * L, acc[cc][ib]);
 }
 
 template <class T, int KK>
@@ -445,7 +445,7 @@ void slow_row(const HeadAttention<T>& p, int64_t i, Wide<T>* acc) {
 
 }  // namespace detail_tiles
 
-/// Scratch bytes one thread needs for attend_rows with head dims d, dv.
+/// Scratch bytes one thread needs for attend_rows with head dims d, dv (any alignment will do).
 template <class T>
 constexpr size_t tile_scratch_bytes(int64_t d, int64_t dv) {
   using detail::bytes_of;
@@ -539,24 +539,24 @@ void attend_rows(const HeadAttention<T>& p, int64_t i0, int64_t i1, detail::Aren
       // Online softmax: the new max, the factor for what was accumulated, this tile's weights.
       P alpha[IB], msafe[IB], sum[IB];
       for (int ib = 0; ib < IB; ++ib) {
-        const P mo = pload<P>(row_max + r0 + ib * L);
+        const P mo = ploadu<P>(row_max + r0 + ib * L);
         const P mn = pmax(mo, tmax[ib]);
         const P empty = pcmp_eq(mn, pset1<P>(-kInf));  // nothing allowed in this row yet
         alpha[ib] = pselect(empty, pset1<P>(T(1)), exp2_neg(psub(mo, mn)));
         msafe[ib] = pselect(empty, pset1<P>(T(0)), mn);
-        pstore(row_max + r0 + ib * L, mn);
-        pstore(row_min + r0 + ib * L, pmin(pload<P>(row_min + r0 + ib * L), tmin[ib]));
+        pstoreu(row_max + r0 + ib * L, mn);
+        pstoreu(row_min + r0 + ib * L, pmin(ploadu<P>(row_min + r0 + ib * L), tmin[ib]));
         sum[ib] = pset1<P>(T(0));
       }
       for (int64_t jj = 0; jj < je; ++jj)
         EFFATTN_UNROLL
         for (int ib = 0; ib < IB; ++ib) {
-          const P e = exp2_neg(psub(pload<P>(st + jj * W + ib * L), msafe[ib]));
+          const P e = exp2_neg(psub(ploadu<P>(st + jj * W + ib * L), msafe[ib]));
           sum[ib] = padd(sum[ib], e);
-          pstore(st + jj * W + ib * L, e);
+          pstoreu(st + jj * W + ib * L, e);
         }
       for (int ib = 0; ib < IB; ++ib)
-        pstore(row_sum + r0 + ib * L, pmadd(alpha[ib], pload<P>(row_sum + r0 + ib * L), sum[ib]));
+        pstoreu(row_sum + r0 + ib * L, pmadd(alpha[ib], ploadu<P>(row_sum + r0 + ib * L), sum[ib]));
       pv_block<T>(st, vrow, p.v.col_stride, dv, jf, je, thr, alpha, ot + r0);
     }
   }
