@@ -419,26 +419,32 @@ void slow_row(const HeadAttention<T>& p, int64_t i, Wide<T>* acc) {
     for (int64_t c = 0; c < d; ++c) dot += static_cast<Wd>(p.q(i, c)) * static_cast<Wd>(p.k(j, c));
     return static_cast<Wd>(p.scale) * dot;
   };
-  Wd m = -std::numeric_limits<Wd>::infinity();
+  // One pass, online: each logit is computed once (two evaluations could round differently,
+  // and at these magnitudes a difference of one rounding is a factor of e^(1e24)).
+  Wd m = -std::numeric_limits<Wd>::infinity(), l = 0;
   bool any = false;
+  std::fill(acc, acc + dv, Wd(0));
   for (int64_t j = 0; j < key_end; ++j) {
     if (!allowed(j)) continue;
     for (int64_t c = 0; c < d; ++c)
       if (non_finite(p.k(j, c))) return write(nan, nan);
     for (int64_t c = 0; c < dv; ++c)
       if (non_finite(p.v(j, c))) return write(nan, nan);
-    m = std::max(m, logit(j));
+    const Wd x = logit(j);
+    Wd w = 1;
+    if (!any || x > m) {
+      const Wd f = any ? std::exp(m - x) : Wd(0);
+      l *= f;
+      for (int64_t c = 0; c < dv; ++c) acc[c] *= f;
+      m = x;
+    } else {
+      w = std::exp(x - m);
+    }
     any = true;
-  }
-  if (!any) return write(T(0), -std::numeric_limits<T>::infinity());
-  Wd l = 0;
-  std::fill(acc, acc + dv, Wd(0));
-  for (int64_t j = 0; j < key_end; ++j) {
-    if (!allowed(j)) continue;
-    const Wd w = std::exp(logit(j) - m);
     l += w;
     for (int64_t c = 0; c < dv; ++c) acc[c] += w * static_cast<Wd>(p.v(j, c));
   }
+  if (!any) return write(T(0), -std::numeric_limits<T>::infinity());
   for (int64_t c = 0; c < dv; ++c) p.out(i, c) = static_cast<T>(acc[c] / l);
   if (p.lse != nullptr) p.lse[i] = static_cast<T>(m + std::log(l));
 }
@@ -489,10 +495,11 @@ void attend_rows(const HeadAttention<T>& p, int64_t i0, int64_t i1, detail::Aren
   // log2 units; a non-finite query (or a scaled one beyond T) takes the exact path.
   const Wide<T> factor = static_cast<Wide<T>>(p.scale) * static_cast<Wide<T>>(1.442695040888963407359924681001892137L);
   for (int64_t r = 0; r < bq; ++r) {
-    bool bad = false;
+    const T* qr = &p.q(i0 + r, 0);
+    bool bad = false;  // x non-finite gives y non-finite (factor is finite), so y alone is checked
     for (int64_t c = 0; c < d; ++c) {
-      const T x = p.q(i0 + r, c), y = static_cast<T>(static_cast<Wide<T>>(x) * factor);
-      bad = bad || non_finite(x) || non_finite(y);
+      const T y = static_cast<T>(static_cast<Wide<T>>(qr[c * p.q.col_stride]) * factor);
+      bad |= non_finite(y);
       qt[c * kQ + r] = y;
     }
     slow[r] = bad;
@@ -561,6 +568,20 @@ void attend_rows(const HeadAttention<T>& p, int64_t i0, int64_t i1, detail::Aren
     }
   }
 
+  // Normalize Oᵀ in place (1/l per lane) and note per lane whether any output is non-finite
+  // (z = sum 0·o is NaN exactly then); row_sum then holds 1/l.
+  for (int64_t k = 0; k < bqp; k += L) {
+    const P l = ploadu<P>(row_sum + k);
+    const P inv = pselect(pcmp_lt(pset1<P>(T(0)), l), pdiv(pset1<P>(T(1)), l), pset1<P>(T(0)));  // l = 0: no key
+    P z = pset1<P>(T(0));
+    for (int64_t c = 0; c < dv; ++c) {
+      const P o = ploadu<P>(ot + c * kQ + k);
+      z = pmadd(o, pset1<P>(T(0)), z);
+      pstoreu(ot + c * kQ + k, pmul(o, inv));
+    }
+    pstoreu(row_min + k, padd(ploadu<P>(row_min + k), z));  // NaN where an output is non-finite
+    pstoreu(row_sum + k, pselect(pcmp_lt(l, pset1<P>(kInf)), inv, l));  // a NaN or inf sum stays
+  }
   for (int64_t r = 0; r < bq; ++r) {
     const int64_t i = i0 + r;
     if (p.query_valid != nullptr && p.query_valid[i] == 0) {
@@ -571,16 +592,14 @@ void attend_rows(const HeadAttention<T>& p, int64_t i0, int64_t i1, detail::Aren
     // Flagged: a non-finite query; a -inf logit (a non-finite key, or a logit below T's range);
     // a non-finite row sum (a NaN or +inf logit); a non-finite output (a non-finite value seen,
     // or an output sum beyond T's range).
-    bool exact = slow[r] || row_min[r] == -kInf || non_finite(row_sum[r]);
-    for (int64_t c = 0; c < dv && !exact; ++c) exact = non_finite(ot[c * kQ + r]);
-    if (exact) {
+    if (slow[r] || !(row_min[r] > -kInf) || non_finite(row_sum[r])) {
       slow_row(p, i, wide);
       continue;
     }
-    const T l = row_sum[r];
-    const T inv = l > T(0) ? T(1) / l : T(0);  // l = 0: no allowed key
-    for (int64_t c = 0; c < dv; ++c) p.out(i, c) = ot[c * kQ + r] * inv;
-    if (p.lse != nullptr) p.lse[i] = l > T(0) ? row_max[r] * T(0.693147180559945309417232121458176568L) + std::log(l) : -kInf;
+    T* orow = &p.out(i, 0);
+    for (int64_t c = 0; c < dv; ++c) orow[c * p.out.col_stride] = ot[c * kQ + r];
+    if (p.lse != nullptr)
+      p.lse[i] = row_sum[r] > T(0) ? row_max[r] * T(0.693147180559945309417232121458176568L) - std::log(row_sum[r]) : -kInf;
   }
 }
 
