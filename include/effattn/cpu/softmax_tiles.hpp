@@ -424,6 +424,43 @@ void pv_block(const T* pt, const T* const* vrow, int64_t vcs, int64_t dv, int64_
   if (rest & 1) pv_micro<T, 1>(pt, vrow, vcs, c, jf, je, thr, alpha, ot + c * Tiles::kQuery);
 }
 
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"  // PacketBlock<__m256, 8>, as in Eigen's own GEMM
+#endif
+/// dst[c * dst_stride + r * dst_col] = f · src[r * src_stride + c * src_col] for r < rows,
+/// c < cols: a transposing copy, by L×L register transposes where both sides are contiguous.
+template <class T>
+void transpose_scaled(const T* src, int64_t src_stride, int64_t src_col, int64_t rows, int64_t cols, T f, T* dst,
+                      int64_t dst_stride, int64_t dst_col) {
+  using namespace Eigen::internal;
+  using P = typename Simd<T>::P;
+  constexpr int L = Simd<T>::L;
+  int64_t r0 = 0, c0 = 0;
+  if constexpr (L > 1) {
+    if (src_col == 1 && dst_col == 1) {
+      const P pf = pset1<P>(f);
+      for (; r0 + L <= rows; r0 += L)
+        for (c0 = 0; c0 + L <= cols; c0 += L) {
+          PacketBlock<P, L> b;
+          for (int l = 0; l < L; ++l) b.packet[l] = ploadu<P>(src + (r0 + l) * src_stride + c0);
+          ptranspose(b);
+          for (int l = 0; l < L; ++l) pstoreu(dst + (c0 + l) * dst_stride + r0, pmul(b.packet[l], pf));
+        }
+      // The columns past the last whole block, for the rows done above.
+      for (int64_t r = 0; r < r0; ++r)
+        for (int64_t c = c0; c < cols; ++c) dst[c * dst_stride + r] = f * src[r * src_stride + c];
+    } else {
+      r0 = 0;
+    }
+  }
+  for (int64_t r = r0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * dst_stride + r * dst_col] = f * src[r * src_stride + c * src_col];
+}
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+
 /// Row i of p, exactly, in the wider type: for rows the fast path flags (a non-finite query, key
 /// or value it may see, or logits beyond T's range). `acc` holds dv wide values.
 template <class T>
@@ -516,20 +553,17 @@ void attend_rows(const HeadAttention<T>& p, int64_t i0, int64_t i1, detail::Aren
   uint8_t* slow = scratch.take<uint8_t>(kQ);
   Wide<T>* wide = scratch.take<Wide<T>>(dv);
 
-  // Qᵀ, zero-padded, times scale·log2(e) (one rounding, from the wider type), so logits are in
-  // log2 units; a non-finite query (or a scaled one beyond T) takes the exact path.
-  const Wide<T> factor = static_cast<Wide<T>>(p.scale) * static_cast<Wide<T>>(1.442695040888963407359924681001892137L);
-  for (int64_t r = 0; r < bq; ++r) {
-    const T* qr = &p.q(i0 + r, 0);
-    bool bad = false;  // x non-finite gives y non-finite (factor is finite), so y alone is checked
-    for (int64_t c = 0; c < d; ++c) {
-      const T y = static_cast<T>(static_cast<Wide<T>>(qr[c * p.q.col_stride]) * factor);
-      bad |= non_finite(y);
-      qt[c * kQ + r] = y;
-    }
-    slow[r] = bad;
-  }
+  // Qᵀ, zero-padded, times scale·log2(e) (so logits are in log2 units); a non-finite query (or a
+  // scaled one beyond T) takes the exact path: z = sum 0·q' is NaN exactly then.
+  const T factor = static_cast<T>(static_cast<Wide<T>>(p.scale) * static_cast<Wide<T>>(1.442695040888963407359924681001892137L));
+  transpose_scaled(&p.q(i0, 0), p.q.row_stride, p.q.col_stride, bq, d, factor, qt, kQ, 1);
   for (int64_t c = 0; c < d; ++c) std::fill(qt + c * kQ + bq, qt + c * kQ + bqp, T(0));
+  for (int64_t k = 0; k < bqp; k += L) {
+    P z = pset1<P>(T(0));
+    for (int64_t c = 0; c < d; ++c) z = pmadd(ploadu<P>(qt + c * kQ + k), pset1<P>(T(0)), z);
+    pstoreu(row_min + k, z);  // scratch for a moment: 0, or NaN for a non-finite row
+  }
+  for (int64_t r = 0; r < bq; ++r) slow[r] = non_finite(row_min[r]);
   std::fill(row_max, row_max + bqp, -kInf);
   std::fill(row_min, row_min + bqp, kInf);
   std::fill(row_sum, row_sum + bqp, T(0));
@@ -607,6 +641,8 @@ void attend_rows(const HeadAttention<T>& p, int64_t i0, int64_t i1, detail::Aren
     pstoreu(row_min + k, padd(ploadu<P>(row_min + k), z));  // NaN where an output is non-finite
     pstoreu(row_sum + k, pselect(pcmp_lt(l, pset1<P>(kInf)), inv, l));  // a NaN or inf sum stays
   }
+  // Out = Oᵀ transposed back, every row; then the rows that are zero or exact instead.
+  transpose_scaled<T>(ot, kQ, 1, dv, bq, T(1), &p.out(i0, 0), p.out.row_stride, p.out.col_stride);
   for (int64_t r = 0; r < bq; ++r) {
     const int64_t i = i0 + r;
     if (p.query_valid != nullptr && p.query_valid[i] == 0) {
@@ -621,8 +657,6 @@ void attend_rows(const HeadAttention<T>& p, int64_t i0, int64_t i1, detail::Aren
       slow_row(p, i, wide);
       continue;
     }
-    T* orow = &p.out(i, 0);
-    for (int64_t c = 0; c < dv; ++c) orow[c * p.out.col_stride] = ot[c * kQ + r];
     if (p.lse != nullptr)
       p.lse[i] = row_sum[r] > T(0) ? row_max[r] * T(0.693147180559945309417232121458176568L) - std::log(row_sum[r]) : -kInf;
   }
