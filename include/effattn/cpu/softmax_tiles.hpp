@@ -188,6 +188,24 @@ EIGEN_ALWAYS_INLINE __m256 exp2_neg_avx2(const __m256 x) {
   y = _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(_mm256_permutevar8x32_ps(table, k)), e)));
   return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-125.0f), _CMP_LT_OQ), y);
 }
+
+/// 2^(s - m) for a block without hidden lanes, m on the 1/8 grid and |m| <= 2^19, from c1 = 1.5·2^20 - m
+/// and lo = m - 125: the subtraction folded into the rounding constant, and a clamp at 2^-125 instead
+/// of the mask (2^-125 in place of a smaller weight is far below float's resolution of the sum,
+/// which holds a weight 1). Two fewer operations than exp2_neg(s - m). NaN stays NaN.
+EIGEN_ALWAYS_INLINE __m256 exp2_shifted_avx2(const __m256 s, const __m256 c1, const __m256 lo) {
+  const __m256 x = _mm256_max_ps(lo, s);  // the second operand when NaN: s
+  const __m256 t = _mm256_add_ps(x, c1);  // 1.5·2^20 + (x - m) rounded to a multiple of 1/8
+  const __m256 f = _mm256_sub_ps(x, _mm256_sub_ps(t, c1));
+  const __m256i k = _mm256_castps_si256(t);
+  const __m256 table = _mm256_setr_ps(1.0f, 1.0905077326652577f, 1.189207115002721f, 1.2968395546510096f,
+                                      1.4142135623730951f, 1.5422108254079407f, 1.681792830507429f, 1.8340080864093424f);
+  __m256 y = _mm256_fmadd_ps(_mm256_set1_ps(0.05550931728962304f), f, _mm256_set1_ps(0.24026407983257964f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.6931471780166573f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.9999999816537269f));
+  const __m256i e = _mm256_and_si256(_mm256_slli_epi32(k, 20), _mm256_set1_epi32(static_cast<int>(0xff800000u)));
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(_mm256_permutevar8x32_ps(table, k)), e)));
+}
 #endif
 
 /// 2^x for x <= 0 (and -inf, NaN), elementwise: 0 below the smallest normal result (so never a
@@ -633,7 +651,9 @@ void attend_rows(const HeadAttention<T>& p, int64_t i0, int64_t i1, detail::Aren
       P alpha[IB], msafe[IB], sum[IB];
       for (int ib = 0; ib < IB; ++ib) {
         const P mo = ploadu<P>(row_max + r0 + ib * L);
-        const P mn = pmax(mo, tmax[ib]);
+        // The reference the weights are taken against: the max rounded up to a multiple of 1/8
+        // (weights stay <= 1; any reference is exact, lse = m + log2(l) whatever m).
+        const P mn = pmul(pceil(pmul(pmax(mo, tmax[ib]), pset1<P>(T(8)))), pset1<P>(T(0.125)));
         const P empty = pcmp_eq(mn, pset1<P>(-kInf));  // nothing allowed in this row yet
         alpha[ib] = pselect(empty, pset1<P>(T(1)), exp2_neg(psub(mo, mn)));
         msafe[ib] = pselect(empty, pset1<P>(T(0)), mn);
@@ -641,13 +661,35 @@ void attend_rows(const HeadAttention<T>& p, int64_t i0, int64_t i1, detail::Aren
         pstoreu(row_min + r0 + ib * L, pmin(ploadu<P>(row_min + r0 + ib * L), tmin[ib]));
         sum[ib] = pset1<P>(T(0));
       }
-      for (int64_t jj = 0; jj < je; ++jj)
-        EFFATTN_UNROLL
-        for (int ib = 0; ib < IB; ++ib) {
-          const P e = exp2_neg(psub(ploadu<P>(st + jj * W + ib * L), msafe[ib]));
-          sum[ib] = padd(sum[ib], e);
-          pstoreu(st + jj * W + ib * L, e);
+      bool folded = false;
+#if defined(EIGEN_VECTORIZE_AVX2) && defined(EIGEN_VECTORIZE_FMA) && !defined(EIGEN_VECTORIZE_AVX512)
+      if constexpr (std::is_same_v<T, float> && L == 8) {
+        folded = jf == je;  // no hidden lanes (a diagonal block keeps exact zeros for them)
+        for (int ib = 0; ib < IB; ++ib) folded = folded && predux_max(pabs(msafe[ib])) <= T(1 << 19);  // c1 stays exact
+        if (folded) {
+          P c1[IB], lo[IB];
+          for (int ib = 0; ib < IB; ++ib) {
+            c1[ib] = psub(pset1<P>(T(1572864)), msafe[ib]);
+            lo[ib] = psub(msafe[ib], pset1<P>(T(125)));
+          }
+          for (int64_t jj = 0; jj < je; ++jj)
+            EFFATTN_UNROLL
+            for (int ib = 0; ib < IB; ++ib) {
+              const P e = exp2_shifted_avx2(ploadu<P>(st + jj * W + ib * L), c1[ib], lo[ib]);
+              sum[ib] = padd(sum[ib], e);
+              pstoreu(st + jj * W + ib * L, e);
+            }
         }
+      }
+#endif
+      if (!folded)
+        for (int64_t jj = 0; jj < je; ++jj)
+          EFFATTN_UNROLL
+          for (int ib = 0; ib < IB; ++ib) {
+            const P e = exp2_neg(psub(ploadu<P>(st + jj * W + ib * L), msafe[ib]));
+            sum[ib] = padd(sum[ib], e);
+            pstoreu(st + jj * W + ib * L, e);
+          }
       for (int ib = 0; ib < IB; ++ib)
         pstoreu(row_sum + r0 + ib * L, pmadd(alpha[ib], ploadu<P>(row_sum + r0 + ib * L), sum[ib]));
       pv_block<T>(st, vrow, p.v.col_stride, dv, jf, je, thr, alpha, ot + r0);
