@@ -3,17 +3,13 @@
 // projections, large inputs, workspace rules and every argument check.
 #include <effattn/effattn.hpp>
 
+#include "favor_cases.hpp"
 #include "reference/favor.hpp"
-#include "test_util.hpp"
 
 namespace {
 
 using namespace testing_util;
-using effattn::FeatureMap;
-
-const char* map_name(FeatureMap m) {
-  return m == FeatureMap::positive ? "positive" : m == FeatureMap::relu ? "relu" : "trig";
-}
+using namespace favor_cases;
 
 struct Case {
   int64_t B, H, Hk, Nq, Nk, D, Dv;
@@ -23,8 +19,8 @@ struct Case {
   bool masks;
   Layout layout = Layout::bhsd;
   bool shared_projection = false;  // projection heads 1 instead of H
-  float scale = 0, eps = 0;
-  double input_std = 0;  // 0: 1, or the trig default below
+  double scale = 0, eps = 0;
+  double input_std = 0;  // favor_cases::input_std
 };
 
 std::string describe(const Case& c) {
@@ -32,26 +28,8 @@ std::string describe(const Case& c) {
          " Nq=" + std::to_string(c.Nq) + " Nk=" + std::to_string(c.Nk) + " D=" + std::to_string(c.D) +
          " Dv=" + std::to_string(c.Dv) + " M=" + std::to_string(c.M) + " " + map_name(c.map) +
          (c.causal ? " causal" : "") + (c.masks ? " masks" : "") + " " + layout_name(c.layout) +
-         (c.shared_projection ? " shared-projection" : "") + " std=" + std::to_string(c.input_std);
-}
-
-/// A projection tensor [1, heads, M, D] over an owned favor_projection.
-struct Projection {
-  std::vector<float> w;
-  effattn::Tensor<const float> view;
-  Projection(int64_t heads, int64_t M, int64_t D, uint64_t seed,
-             effattn::Orthogonality o = effattn::Orthogonality::orthogonal)
-      : w(effattn::favor_projection(seed, int(heads), int(M), int(D), o)),
-        view(w.data(), {1, heads, M, D}, {heads * M * D, M * D, D, 1}) {}
-};
-
-/// DESIGN.md's CPU tolerance times the condition number of the normalizer sums phi(q_i)ᵀz
-/// (ref::favor): exactly the DESIGN tolerance for positive and relu features, whose sums have no
-/// cancellation (condition 1); for the signed trig features, the factor by which any evaluation
-/// of the same formulas amplifies rounding (the naive double loops show it as much as this code).
-template <class T>
-double tolerance(double condition) {
-  return cpu_tolerance<T>() * condition;
+         (c.shared_projection ? " shared-projection" : "") + " eps=" + std::to_string(c.eps) +
+         " std=" + std::to_string(c.input_std);
 }
 
 /// Everything the reference needs, as views.
@@ -82,9 +60,7 @@ struct Problem {
         v(c.B, c.Hk, c.Nk, c.Dv, c.layout),
         out(c.B, c.H, c.Nq, c.Dv, c.layout),
         proj(c.shared_projection ? 1 : c.H, c.M, c.D, rng()()) {
-    // Trig by default at |x'|² = s D std² ~ 0.64, where its normalizer estimate stays away from
-    // zero (condition numbers mostly 1-10, rarely ~50; at std 1 rows reach 1e5..1e7).
-    const double stddev = c.input_std > 0 ? c.input_std : c.map == FeatureMap::trig ? 0.8 / std::pow(double(c.D), 0.25) : 1.0;
+    const double stddev = input_std(c.map, c.D, c.input_std);
     q.fill_normal(stddev);
     k.fill_normal(stddev);
     v.fill_normal();
@@ -121,7 +97,6 @@ void run_case(const Case& c, int threads = 0) {
   EXPECT_TRUE(outside_untouched(p.out, sentinel)) << "wrote outside the out view";
 }
 
-constexpr FeatureMap kMaps[] = {FeatureMap::positive, FeatureMap::relu, FeatureMap::trig};
 
 template <class T>
 class FavorCpu : public ::testing::Test {};
@@ -185,6 +160,19 @@ TYPED_TEST(FavorCpu, InputRangesWhereStabilizersMatter) {
     for (FeatureMap map : {FeatureMap::positive, FeatureMap::relu})
       for (bool causal : {false, true})
         run_case<TypeParam>({1, 2, 2, 200, 200, 64, 64, 64, map, causal, true, Layout::bhsd, false, 0, 0, stddev});
+}
+
+// The range rule of cpu/favor.hpp: eps tiny next to exp parts that underflow T (|x| ~ 4: exp
+// parts ~1e-20, products ~1e-40; |x| ~ 10: every exp part below eps) or huge (eps² overflows
+// float) gives the reference's rows, neither zeros nor NaN.
+TYPED_TEST(FavorCpu, ExtremeEpsKeepsRowsInRange) {
+  const double huge = std::is_same_v<TypeParam, float> ? 1e38 : 1e300;
+  for (FeatureMap map : {FeatureMap::positive, FeatureMap::relu})
+    for (bool causal : {false, true}) {
+      for (double stddev : {4.0, 10.0})
+        run_case<TypeParam>({1, 2, 2, 200, 200, 32, 32, 32, map, causal, true, Layout::bhsd, false, 0, 1e-30, stddev});
+      run_case<TypeParam>({1, 2, 2, 200, 200, 32, 32, 32, map, causal, true, Layout::bhsd, false, 0, huge});
+    }
 }
 
 // Trig at larger inputs: the accuracy bound scales with the condition number (tolerance()),
