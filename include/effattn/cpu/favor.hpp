@@ -55,6 +55,9 @@ namespace favor {
 
 constexpr int64_t kTile = 256;  // token rows per streamed tile
 constexpr int64_t kChunk = 64;  // causal chunk; the intra-chunk part costs kChunk² (Mf + Dv) per chunk
+// The backward's chunk: it has three intra-chunk products of that size where the forward has one.
+constexpr int64_t kBackwardChunk = 32;
+static_assert(kBackwardChunk <= kChunk, "scratch is sized for kChunk");
 
 inline int64_t feature_count(FeatureMap map, int64_t m) { return map == FeatureMap::trig ? 2 * m : m; }
 
@@ -84,6 +87,7 @@ struct Scratch {
   // Backward only.
   T* e;        // [kTile, M] d phî / d u of the tile in feat (positive, relu)
   T* qe;       // [kChunk, M] causal: the same for qfeat
+  T* cum;      // [kChunk, Mf] causal: prefix sums of a chunk's key features
   T* dfeat;    // [kTile, Mf] d phî, then d u in its first M columns
   T* dS;       // [Mf, Dv]
   T* dz;       // [Mf]
@@ -92,6 +96,7 @@ struct Scratch {
   T* dx;       // [kTile, D] dq or dk rows
   T* dv;       // [kTile, Dv] dv rows
   T* scores2;  // [kChunk, kChunk] causal: g_i · v_j - t_i
+  double* ztotal;  // [3, Mf] causal: CompensatedSum of the key features
 
   template <class Take>
   static Scratch carve(const Sizes& s, Take take) {
@@ -112,6 +117,7 @@ struct Scratch {
     r.num = take(fwd ? kTile * s.Dv : 0);
     r.e = take(bwd ? kTile * m_e : 0);
     r.qe = take(bwd && s.causal ? kChunk * m_e : 0);
+    r.cum = take(bwd && s.causal ? kChunk * s.Mf : 0);
     r.dfeat = take(bwd ? kTile * s.Mf : 0);
     r.dS = take(bwd ? s.Mf * s.Dv : 0);
     r.dz = take(bwd ? s.Mf : 0);
@@ -120,6 +126,8 @@ struct Scratch {
     r.dx = take(bwd ? kTile * s.D : 0);
     r.dv = take(bwd ? kTile * s.Dv : 0);
     r.scores2 = take(bwd && s.causal ? kChunk * kChunk : 0);
+    constexpr int64_t per_double = sizeof(double) / sizeof(T);
+    r.ztotal = reinterpret_cast<double*>(take(bwd && s.causal ? 3 * s.Mf * per_double : 0));
     return r;
   }
 
@@ -162,6 +170,38 @@ struct Chunk {
   int64_t i0, n, p0, m, offset;
   int64_t seen(int64_t r) const { return std::clamp<int64_t>(i0 + r + offset + 1 - p0, 0, m); }
   int64_t first_row(int64_t c) const { return std::clamp<int64_t>(c + p0 - i0 - offset, 0, n); }
+};
+
+/// Sums of T values that can be taken out again exactly enough to rebuild prefix sums backwards
+/// (the causal backward's reverse pass): double hi + lo by TwoSum, so that subtracting the same
+/// terms leaves an error ~1e-32 of the total, and a count of the non-finite terms, which cannot be
+/// subtracted: a sum is NaN while one is in it.
+struct CompensatedSum {
+  double* hi;
+  double* lo;
+  double* bad;
+  int64_t n;
+  CompensatedSum(double* p, int64_t count) : hi(p), lo(p + count), bad(p + 2 * count), n(count) {
+    std::fill(p, p + 3 * count, 0.0);
+  }
+  template <class Column>
+  void add(const Column& x, double sign) {
+    const bool finite = x.allFinite();
+    for (int64_t f = 0; f < n; ++f) {
+      const double v = sign * static_cast<double>(x(f));
+      if (!finite && !std::isfinite(v)) {
+        bad[f] += sign;
+        continue;
+      }
+      const double sum = hi[f] + v, b = sum - hi[f];  // TwoSum: lo gets the rounding error
+      lo[f] += (hi[f] - (sum - b)) + (v - b);
+      hi[f] = sum;
+    }
+  }
+  template <class T>
+  T value(int64_t f) const {
+    return bad[f] > 0 ? std::numeric_limits<T>::quiet_NaN() : static_cast<T>(hi[f] + lo[f]);
+  }
 };
 
 template <class T>
@@ -282,7 +322,7 @@ class Runner {
   /// and, with `de`, d phî / d u into de [n, M] (positive, relu: trig reads it off phî). Rows of
   /// invalid keys are zero (in de too).
   RowMap features(bool keys, int64_t r0, int64_t n, T* out, T* de = nullptr) {
-    static const T kExpFloor = std::log(std::numeric_limits<T>::min());
+    constexpr T kTiny = std::numeric_limits<T>::min();
     RowMap f = rows(out, n, s_.Mf);
     project(keys ? p_.k : p_.q, r0, n, f);
     if (p_.map == FeatureMap::trig) de = nullptr;
@@ -299,10 +339,10 @@ class Runner {
             shift = row.maxCoeff() + std::max(T(0), lambda);
             floor = std::exp(std::min(T(0), lambda));
           }
-          // exp below T's normal range is 0: Eigen's vectorized exp clamps there to ~1e-38, which
-          // would stand in d phî / d u for a true 1e-90 when eps dominates the features.
-          row -= shift;
-          row = (row < kExpFloor).select(T(0), row.exp());
+          // exp below T's normal range becomes 0: Eigen's vectorized exp returns ~4e-39 (float) for
+          // any argument below -88.4, which would stand in d phî / d u for a true 1e-90 when eps
+          // dominates. max - min is a vectorized floor (select is not), off by min elsewhere.
+          row = (row - shift).exp().max(kTiny) - kTiny;
           if (de != nullptr) rows(de, n, M).row(r) = row.matrix();
           row += floor;
         }
@@ -311,7 +351,8 @@ class Runner {
         for (int64_t r = 0; r < n; ++r) {
           auto row = f.row(r).head(M).array();
           const T div = keys ? ks_.div : std::max(std::max(row.maxCoeff(), T(0)), p_.eps);
-          if (de != nullptr) rows(de, n, M).row(r) = (row > T(0)).template cast<T>().matrix() / div;
+          // d phî / du = [u > 0] / div, as relu(u) / |u| (vectorized, unlike a cast of the comparison).
+          if (de != nullptr) rows(de, n, M).row(r) = (row.max(T(0)) / (row.abs().max(kTiny) * div)).matrix();
           row = row.max(T(0)) / div + p_.eps / div;  // two quotients: relu(u) + eps may overflow
         }
         break;
@@ -409,10 +450,12 @@ class Runner {
 
   // ---- causal ----
 
+  int64_t chunk_len() const { return s_.backward ? kBackwardChunk : kChunk; }
+
   Chunk chunk(int64_t i0) const {
     const int64_t nq = p_.q.rows, nk = p_.k.rows, off = p_.causal_offset;
     const auto clamp_key = [&](int64_t j) { return std::clamp<int64_t>(j, 0, nk); };
-    const int64_t n = std::min(kChunk, nq - i0), p0 = clamp_key(i0 + off);
+    const int64_t n = std::min(chunk_len(), nq - i0), p0 = clamp_key(i0 + off);
     return {i0, n, p0, clamp_key(i0 + n + off) - p0, off};
   }
 
@@ -451,15 +494,17 @@ class Runner {
 
   /// The causal sweep in query order: body(chunk, fk, vk) runs with S, z (z alone without
   /// `with_values`) over the keys every row of the chunk sees, and the features fk (values vk) of
-  /// the chunk's own keys, null when it has no valid one; then those keys join the state.
+  /// the chunk's own keys, null when it has no valid one; then those keys join the state (and
+  /// `total`, when given: the keys before the first chunk as one term, then each chunk's rows).
   template <class Body>
-  void causal_sweep(bool with_values, Body body) {
+  void causal_sweep(bool with_values, Body body, CompensatedSum* total = nullptr) {
     S().setZero();
     z().setZero();
     int64_t in_state = 0;  // keys [0, in_state) are summed into S, z
-    for (int64_t i0 = 0; i0 < p_.q.rows; i0 += kChunk) {
+    for (int64_t i0 = 0; i0 < p_.q.rows; i0 += chunk_len()) {
       const Chunk ch = chunk(i0);
       accumulate(in_state, ch.p0, with_values);
+      if (total != nullptr && i0 == 0) total->add(z(), 1);
       in_state = std::max(in_state, ch.p0 + ch.m);
       const bool own = ch.m > 0 && mark_keys(ch.p0, ch.m) > 0;
       const RowMap fk = features(true, ch.p0, own ? ch.m : 0, sc_.feat);
@@ -468,18 +513,33 @@ class Runner {
       if (!own) continue;
       if (with_values) S().noalias() += fk.transpose() * vk;
       z() += fk.colwise().sum().transpose().array();
+      if (total != nullptr)
+        for (int64_t r = 0; r < ch.m; ++r) total->add(fk.row(r).transpose(), 1);
     }
+  }
+
+  /// den of the chunk's rows from the state z plus the chunk's own keys each row sees, by prefix
+  /// sums of their features (den alone needs no [n, m] product).
+  void prefix_den(const Chunk& ch, const RowMap& fq, const RowMap* fk, T* den_out) {
+    Column den(den_out, ch.n);
+    den.matrix().noalias() = fq * z().matrix();
+    if (fk == nullptr) return;
+    RowMap cum = rows(sc_.cum, ch.m, s_.Mf);  // row c: the features of keys [0, c]
+    cum.row(0) = fk->row(0);
+    for (int64_t c = 1; c < ch.m; ++c) cum.row(c) = cum.row(c - 1) + fk->row(c);
+    for (int64_t r = 0; r < ch.n; ++r)
+      if (const int64_t seen = ch.seen(r); seen > 0) den(r) += fq.row(r).dot(cum.row(seen - 1));
   }
 
   // ---- backward ----
 
-  /// g = dO_i / den_i and t_i = dO_i · out_i / den_i for query rows [i0, i0 + n), den in sc_.den
-  /// (replaced by 1/den). Rows the forward zeroes get g = t = 0 and zero features: they contribute
-  /// nothing, even when their inputs are NaN.
-  void upstream(const HeadGrad<T>& hg, int64_t i0, int64_t n, RowMap& fq) {
+  /// g = dO_i / den_i and t_i = dO_i · out_i / den_i for query rows [i0, i0 + n) into sc_.g, sc_.t,
+  /// with den[r] replaced by 1/den. Rows the forward zeroes get g = t = 0 and zero features: they
+  /// contribute nothing, even when their inputs are NaN.
+  void upstream(const HeadGrad<T>& hg, int64_t i0, int64_t n, RowMap& fq, T* den) {
     RowMap g = rows(sc_.g, n, s_.Dv);
     for (int64_t r = 0; r < n; ++r) {
-      const T inv = sc_.den[r] = inverse(i0 + r, sc_.den[r]);
+      const T inv = den[r] = inverse(i0 + r, den[r]);
       T dot = 0;
       for (int64_t c = 0; c < s_.Dv; ++c) {
         const T d = hg.dout(i0 + r, c);
@@ -495,25 +555,25 @@ class Runner {
     }
   }
 
-  /// dq rows [i0, i0 + n) from d phî(q) in df (features fq, fq_de), zero for dead rows.
-  void write_dq(const HeadGrad<T>& hg, int64_t i0, int64_t n, const RowMap& fq, const T* fq_de, RowMap& df) {
+  /// dq rows [i0, i0 + n) from d phî(q) in df (features fq, fq_de), zero for dead rows (inv 0).
+  void write_dq(const HeadGrad<T>& hg, int64_t i0, int64_t n, const RowMap& fq, const T* fq_de, RowMap& df,
+                const T* inv) {
     const RowMap dx = chain(false, i0, n, fq, fq_de, df);
     for (int64_t r = 0; r < n; ++r)
-      for (int64_t c = 0; c < s_.D; ++c) hg.dq(i0 + r, c) = sc_.den[r] == T(0) ? T(0) : dx(r, c);
+      for (int64_t c = 0; c < s_.D; ++c) hg.dq(i0 + r, c) = inv[r] == T(0) ? T(0) : dx(r, c);
   }
 
-  /// dk, dv of keys [j0, j0 + n) from the state dS, dz of the queries that see all of them, plus
-  /// what extra(fk, vk, dphi_k, dv) adds (a causal chunk's triangle).
+  /// dk, dv of keys [j0, j0 + n), whose features fk (d phî / d u in sc_.e) are given, from the
+  /// state dS, dz of the queries that see all of them, plus what extra(vk, dphi_k, dv) adds (a
+  /// causal chunk's triangle).
   template <class Extra>
-  void key_tile_grads(const HeadGrad<T>& hg, int64_t j0, int64_t n, Extra extra) {
-    if (mark_keys(j0, n) == 0) return;
-    const RowMap fk = features(true, j0, n, sc_.feat, sc_.e);
+  void key_tile_grads(const HeadGrad<T>& hg, int64_t j0, int64_t n, const RowMap& fk, Extra extra) {
     const ConstRowMap vk = values(j0, n);
     RowMap df = rows(sc_.dfeat, n, s_.Mf), dv = rows(sc_.dv, n, s_.Dv);
     df.noalias() = vk * dS().transpose();
     df.rowwise() += dz().matrix().transpose();
     dv.noalias() = fk * dS();
-    extra(fk, vk, df, dv);
+    extra(vk, df, dv);
     RowMap dx = chain(true, j0, n, fk, sc_.e, df);
     for (int64_t r = 0; r < n; ++r)
       if (sc_.keep[r] == T(0)) {  // an invalid key gets zeros, whatever reached it
@@ -525,8 +585,11 @@ class Runner {
   }
 
   void key_grads(const HeadGrad<T>& hg, int64_t j0, int64_t j1) {
-    for (int64_t t0 = j0; t0 < j1; t0 += kTile)
-      key_tile_grads(hg, t0, std::min(kTile, j1 - t0), [](const auto&...) {});
+    for (int64_t t0 = j0; t0 < j1; t0 += kTile) {
+      const int64_t n = std::min(kTile, j1 - t0);
+      if (mark_keys(t0, n) == 0) continue;
+      key_tile_grads(hg, t0, n, features(true, t0, n, sc_.feat, sc_.e), [](const auto&...) {});
+    }
   }
 
   void backward_bidirectional(const HeadGrad<T>& hg) {
@@ -539,7 +602,7 @@ class Runner {
       const int64_t n = std::min(kTile, p_.q.rows - i0);
       RowMap fq = features(false, i0, n, sc_.feat, sc_.e);
       Column(sc_.den, n).matrix().noalias() = fq * z().matrix();
-      upstream(hg, i0, n, fq);
+      upstream(hg, i0, n, fq, sc_.den);
       const RowMap g = rows(sc_.g, n, s_.Dv);
       const Column t(sc_.t, n);
       RowMap df = rows(sc_.dfeat, n, s_.Mf);
@@ -547,39 +610,60 @@ class Runner {
       df.noalias() -= t.matrix() * z().matrix().transpose();
       dS().noalias() += fq.transpose() * g;
       dz().matrix().noalias() -= fq.transpose() * t.matrix();
-      write_dq(hg, i0, n, fq, sc_.e, df);
+      write_dq(hg, i0, n, fq, sc_.e, df, sc_.den);
     }
     key_grads(hg, 0, p_.k.rows);
   }
 
-  /// Causal: (1) den_i in query order, parked in dq(i, 0); (2) dk, dv in reverse chunk order, with
-  /// dS, dz summed over the queries after the chunk; (3) dq in query order with the prefix S, z,
-  /// overwriting the parked den. den is kept because pass 2 needs it and cannot rebuild the
-  /// prefix z backwards without cancellation; dq is the only per-row memory the call may use.
+  /// Causal, in two passes with O(M Dv) state. (1) Query order, as the forward: dq from the prefix
+  /// S, z; the chunks' key features also go into a CompensatedSum. (2) Reverse chunk order: dk, dv
+  /// from dS, dz summed over the queries after the chunk, and the chunk's triangle; den_i needs
+  /// the prefix z again, rebuilt by taking each chunk's (bitwise identical) key features back out
+  /// of the total, which plain sums could not do without cancellation.
   void backward_causal(const HeadGrad<T>& hg) {
-    causal_sweep(false, [&](const Chunk& ch, const RowMap* fk, const ConstRowMap*) {
-      const RowMap fq = features(false, ch.i0, ch.n, sc_.qfeat);
-      chunk_den(ch, fq, fk);
-      for (int64_t r = 0; r < ch.n; ++r) hg.dq(ch.i0 + r, 0) = sc_.den[r];
-    });
+    CompensatedSum total(sc_.ztotal, s_.Mf);
+    causal_sweep(
+        true,
+        [&](const Chunk& ch, const RowMap* fk, const ConstRowMap* vk) {
+          RowMap fq = features(false, ch.i0, ch.n, sc_.qfeat, sc_.qe);
+          prefix_den(ch, fq, fk, sc_.den);
+          upstream(hg, ch.i0, ch.n, fq, sc_.den);
+          const RowMap g = rows(sc_.g, ch.n, s_.Dv);
+          const Column t(sc_.t, ch.n);
+          RowMap df = rows(sc_.dfeat, ch.n, s_.Mf);
+          df.noalias() = g * S().transpose();
+          df.noalias() -= t.matrix() * z().matrix().transpose();
+          if (fk != nullptr) {
+            RowMap a2 = rows(sc_.scores2, ch.n, ch.m);
+            a2.noalias() = g * vk->transpose();
+            a2.array().colwise() -= t;
+            hide(a2, ch);
+            add_visible(df, a2, *fk, [&](int64_t r) { return std::pair<int64_t, int64_t>(0, ch.seen(r)); });
+          }
+          write_dq(hg, ch.i0, ch.n, fq, sc_.qe, df, sc_.den);
+        },
+        &total);
 
     dS().setZero();
     dz().setZero();
-    const int64_t nq = p_.q.rows;
-    for (int64_t i0 = (nq - 1) / kChunk * kChunk; i0 >= 0; i0 -= kChunk) {
+    for (int64_t i0 = (p_.q.rows - 1) / chunk_len() * chunk_len(); i0 >= 0; i0 -= chunk_len()) {
       const Chunk ch = chunk(i0);
+      const bool own = ch.m > 0 && mark_keys(ch.p0, ch.m) > 0;
+      const RowMap fk = features(true, ch.p0, own ? ch.m : 0, sc_.feat, sc_.e);
+      for (int64_t r = 0; r < fk.rows(); ++r) total.add(fk.row(r).transpose(), -1);
+      for (int64_t f = 0; f < s_.Mf; ++f) sc_.z[f] = total.value<T>(f);  // the keys all rows see
       RowMap fq = features(false, i0, ch.n, sc_.qfeat);
-      for (int64_t r = 0; r < ch.n; ++r) sc_.den[r] = hg.dq(i0 + r, 0);
-      upstream(hg, i0, ch.n, fq);
+      chunk_den(ch, fq, own ? &fk : nullptr);  // leaves phî(Q_c) phî(K_c)ᵀ in scores
+      upstream(hg, i0, ch.n, fq, sc_.den);
       const RowMap g = rows(sc_.g, ch.n, s_.Dv);
       const Column t(sc_.t, ch.n);
-      if (ch.m > 0)
-        key_tile_grads(hg, ch.p0, ch.m, [&](const RowMap& fk, const ConstRowMap& vk, RowMap& df, RowMap& dv) {
+      if (own)
+        key_tile_grads(hg, ch.p0, ch.m, fk, [&](const ConstRowMap& vk, RowMap& df, RowMap& dv) {
           RowMap a = rows(sc_.scores, ch.n, ch.m), a2 = rows(sc_.scores2, ch.n, ch.m);
-          a.noalias() = fq * fk.transpose();
+          for (int64_t r = 0; r < ch.n; ++r)
+            if (sc_.den[r] == T(0)) a.row(r).setZero();  // a dead row (its NaN too) reaches nothing
           a2.noalias() = g * vk.transpose();
           a2.array().colwise() -= t;
-          hide(a, ch);
           hide(a2, ch);
           const auto seen_by = [&](int64_t c) { return std::pair<int64_t, int64_t>(ch.first_row(c), ch.n); };
           add_visible(df, a2.transpose(), fq, seen_by);
@@ -589,25 +673,6 @@ class Runner {
       dz().matrix().noalias() -= fq.transpose() * t.matrix();
     }
     key_grads(hg, 0, chunk(0).p0);  // seen by every query
-
-    causal_sweep(true, [&](const Chunk& ch, const RowMap* fk, const ConstRowMap* vk) {
-      RowMap fq = features(false, ch.i0, ch.n, sc_.qfeat, sc_.qe);
-      for (int64_t r = 0; r < ch.n; ++r) sc_.den[r] = hg.dq(ch.i0 + r, 0);
-      upstream(hg, ch.i0, ch.n, fq);
-      const RowMap g = rows(sc_.g, ch.n, s_.Dv);
-      const Column t(sc_.t, ch.n);
-      RowMap df = rows(sc_.dfeat, ch.n, s_.Mf);
-      df.noalias() = g * S().transpose();
-      df.noalias() -= t.matrix() * z().matrix().transpose();
-      if (fk != nullptr) {
-        RowMap a2 = rows(sc_.scores2, ch.n, ch.m);
-        a2.noalias() = g * vk->transpose();
-        a2.array().colwise() -= t;
-        hide(a2, ch);
-        add_visible(df, a2, *fk, [&](int64_t r) { return std::pair<int64_t, int64_t>(0, ch.seen(r)); });
-      }
-      write_dq(hg, ch.i0, ch.n, fq, sc_.qe, df);
-    });
   }
 
   /// The per-(b, h) key constants: positive phî = exp(u - |k'|²/2 - shift) + floor; relu
