@@ -1,8 +1,9 @@
-// quickstart_cuda: examples/quickstart.cpp on a CUDA GPU. The same Q, K, V go to device memory;
-// exact softmax, Nyström, FAVOR+ and proxy-token attention run there through
-// effattn::attention<effattn::Cuda>, asynchronously on one stream; each approximation's error
-// is measured against the exact result, and the exact result against a direct float64
-// computation of a few rows on the host.
+// quickstart_cuda: examples/quickstart.cpp on a CUDA GPU. The same inputs go to device memory:
+// inputs A (structured Q, K, V) for exact softmax, Nyström and proxy-token attention, inputs B (Q
+// and K scaled to the small norms FAVOR+ is meant for) for exact softmax again, FAVOR+ and
+// Nyström; everything runs through effattn::attention<effattn::Cuda>, asynchronously on one
+// stream. Each result's error is measured against exact softmax on the same inputs, and the exact
+// result on inputs A against a direct float64 computation of a few rows on the host.
 //
 // Build and run (CUDA found at configure time; from the repository root):
 //   cmake -S . -B build && cmake --build build --target quickstart_cuda
@@ -69,13 +70,12 @@ int main(int argc, char** argv) {
   }
   try {
     const int64_t B = 1, H = 4, D = 64, M = std::min<int64_t>(64, N);
-    const int features = 256;
     std::mt19937 gen(42);  // the same data as quickstart.cpp
     const std::vector<float> q = quickstart::structured(gen, H, N, D), k = quickstart::structured(gen, H, N, D),
                              v = quickstart::structured(gen, H, N, D);
+    const double factor_q = quickstart::favor_factor(q, D), factor_k = quickstart::favor_factor(k, D);
     const DeviceArray dq(q), dk(k), dv(v);
-    const auto Q = effattn::bhsd<const float>(dq.p, B, H, N, D);
-    const auto K = effattn::bhsd<const float>(dk.p, B, H, N, D);
+    const DeviceArray dq_small(quickstart::scaled(q, factor_q)), dk_small(quickstart::scaled(k, factor_k));
     const auto V = effattn::bhsd<const float>(dv.p, B, H, N, D);
     const DeviceArray dout(std::vector<float>(q.size()));
 
@@ -87,14 +87,20 @@ int main(int argc, char** argv) {
     check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
     std::printf("B = %lld, H = %lld, N = %lld, D = %lld, float, %s\n", (long long)B, (long long)H, (long long)N,
                 (long long)D, prop.name);
-    std::printf("%-34s %10s %9s %14s\n", "method", "rel. error", "ms", "workspace KiB");
+    quickstart::print_inputs(quickstart::rms_row_norm(q, D), quickstart::rms_row_norm(k, D), factor_q, factor_k, D);
+    quickstart::print_header();
 
-    std::vector<float> exact;
+    std::vector<float> exact_a, exact_b;
     bool ok = true;
     cudaEvent_t start, stop;
     check(cudaEventCreate(&start), "cudaEventCreate");
     check(cudaEventCreate(&stop), "cudaEventCreate");
-    const auto run = [&](const char* name, const auto& method) {
+    // One call on inputs `set` ("A" or "B"); the first call on a set is exact softmax, its reference.
+    const auto run = [&](const char* name, const char* set, const auto& method) {
+      const bool a = set[0] == 'A';
+      const auto Q = effattn::bhsd<const float>((a ? dq : dq_small).p, B, H, N, D);
+      const auto K = effattn::bhsd<const float>((a ? dk : dk_small).p, B, H, N, D);
+      std::vector<float>& exact = a ? exact_a : exact_b;
       const size_t workspace = effattn::workspace_bytes<effattn::Cuda>(method, Q, K, V, exec);
       check(cudaEventRecord(start, stream), "cudaEventRecord");
       effattn::attention<effattn::Cuda>(method, Q, K, V, effattn::bhsd(dout.p, B, H, N, D), {}, exec);
@@ -106,36 +112,42 @@ int main(int argc, char** argv) {
       float ms = 0;
       check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
       if (exact.empty()) exact = out;
-      const double error = quickstart::relative_error(out, exact);
-      ok = ok && std::isfinite(error);
-      std::printf("%-34s %10.3g %9.2f %14.1f\n", name, error, ms, double(workspace) / 1024.0);
+      const quickstart::Errors e = quickstart::errors(out, exact);
+      ok = ok && std::isfinite(e.max_relative) && std::isfinite(e.frobenius);
+      quickstart::print_row(name, set, e, ms, workspace);
     };
 
-    run("softmax (exact)", effattn::Softmax{});
+    run("softmax (exact)", "A", effattn::Softmax{});
     double row_error = 0;  // the exact result against float64 for the first, middle and last rows
     for (int64_t h = 0; h < H; ++h)
       for (const int64_t i : {int64_t(0), N / 2, N - 1})
-        row_error = std::max(row_error, max_row_error(q, k, v, exact, h, i, N, D));
-    std::printf("%-34s %10.3g\n", "  softmax vs float64, 12 rows", row_error);
+        row_error = std::max(row_error, max_row_error(q, k, v, exact_a, h, i, N, D));
+    std::printf("%-36s %6s %12.3g  (max abs. error, 12 rows)\n", "  softmax vs float64 on the host", "A", row_error);
     ok = ok && row_error < 1e-3;
 
     effattn::Nystrom nystrom;
     nystrom.landmarks = int(M);
-    run("nystrom, 64 landmarks", nystrom);
-
-    const DeviceArray projection(effattn::favor_projection(/*seed=*/7, int(H), features, int(D)));
-    effattn::Favor favor;
-    favor.projection = effattn::bhsd<const float>(projection.p, 1, H, features, D);
-    run("favor+, 256 features", favor);
+    const std::string landmarks = std::to_string(M) + " landmarks";
+    run(("nystrom, " + landmarks).c_str(), "A", nystrom);
 
     const DeviceArray pq(quickstart::sample_tokens(q, H, N, D, M)), pk(quickstart::sample_tokens(k, H, N, D, M));
     effattn::Proxy<float> proxy;
     proxy.proxy_q = effattn::bhsd<const float>(pq.p, 1, H, M, D);
     proxy.proxy_k = effattn::bhsd<const float>(pk.p, 1, H, M, D);
-    run("proxy, 64 tokens sampled from Q/K", proxy);
+    run(("proxy, " + std::to_string(M) + " tokens sampled from Q/K").c_str(), "A", proxy);
 
-    std::printf("rel. error = max |out - exact| / max |exact|; ms = one call (CUDA events).\n%s",
-                quickstart::kFavorNote);
+    run("softmax (exact)", "B", effattn::Softmax{});
+    for (const int features : {256, 1024}) {
+      const DeviceArray projection(effattn::favor_projection(/*seed=*/7, int(H), features, int(D)));
+      effattn::Favor favor;
+      favor.projection = effattn::bhsd<const float>(projection.p, 1, H, features, D);
+      run(features == 256 ? "favor+, 256 features" : "favor+, 1024 features", "B", favor);
+    }
+    run(("nystrom, " + landmarks + " (to compare)").c_str(), "B", nystrom);
+    quickstart::print_row("mean of v (uniform weights, scale)", "B",
+                          quickstart::errors(quickstart::mean_of_values(v, H, N, D), exact_b), -1, 0);
+
+    std::printf("ms = one call (CUDA events).\n%s", quickstart::kNotes);
     cudaEventDestroy(start);
     cudaEventDestroy(stop);
     cudaStreamDestroy(stream);

@@ -57,6 +57,35 @@ struct GradData {
   }
 };
 
+/// One backward problem: AttentionData's inputs, masks (the last sequence has no valid key, the
+/// first of 3+ no valid query), a random upstream gradient dout, and the forward's out.
+template <class T>
+struct BackwardData {
+  AttentionData<T> data;
+  HostTensor<T> dout;
+  std::vector<uint8_t> qm, km;
+  effattn::Masks masks;
+  BackwardData(int64_t B, int64_t H, int64_t Hk, int64_t Nq, int64_t Nk, int64_t D, int64_t Dv, bool with_masks,
+               Layout layout)
+      : data(B, H, Hk, Nq, Nk, D, Dv, layout), dout(B, H, Nq, Dv, layout) {
+    dout.fill_normal();
+    if (with_masks) {
+      km = random_mask(B, Nk, 0.7, B > 1 ? B - 1 : -1);
+      qm = random_mask(B, Nq, 0.8, B > 2 ? 0 : -1);
+      masks = {qm.data(), Nq, km.data(), Nk};
+    }
+  }
+  template <class Method>
+  void forward(const Method& m) {
+    effattn::attention<effattn::Cpu>(m, data.q.cview(), data.k.cview(), data.v.cview(), data.out.view, masks);
+  }
+  template <class Method>
+  void backward(const Method& m, const effattn::Grads<T>& g, int threads = 0) {
+    effattn::attention_backward<effattn::Cpu>(m, data.q.cview(), data.k.cview(), data.v.cview(), data.out.cview(),
+                                              dout.cview(), g, masks, effattn::Exec<effattn::Cpu>{threads});
+  }
+};
+
 /// Sum over the view of a (a Tensor) times b (a reference Result of the same logical shape).
 template <class T>
 double dot(const Tensor<T>& a, const ref::Result& b) {
@@ -72,10 +101,13 @@ double dot(const Tensor<T>& a, const ref::Result& b) {
 /// and directions δ of the same shapes, compares d/dt ⟨dO, f(x + tδ)⟩ at t = 0 (5-point stencil,
 /// error O(h⁴)) with the analytic ⟨grad, δ⟩ = Σ ⟨grads[i], δ[i]⟩. Returns |fd − analytic| divided
 /// by Σ |grad · δ| elementwise (the size of the terms, so cancellation cannot hide an error).
+/// `branches`, when set, reports the forward's discrete choices (an arg-max, a step count): where
+/// they differ across the stencil f is not smooth there, and the step shrinks until they agree.
 struct DirectionalCheck {
   std::vector<HostTensor<double>*> inputs;
   std::vector<const ref::Result*> grads;  // the analytic gradient of each input
   std::function<double()> objective;      // ⟨dO, f(inputs)⟩ at the inputs' current values
+  std::function<std::vector<int64_t>()> branches = nullptr;
   double step = 1e-3;
 
   double relative_error() {
@@ -97,19 +129,28 @@ struct DirectionalCheck {
             }
       dirs.push_back(std::move(d));
     }
-    const auto at = [&](double t) {
+    // f at x + tδ, and whether the forward made the same discrete choices there as at x.
+    std::vector<int64_t> center;
+    if (branches) center = branches();
+    const auto at = [&](double t, bool& same) {
       std::vector<std::vector<double>> saved;
       for (size_t i = 0; i < inputs.size(); ++i) {
         saved.push_back(inputs[i]->storage);
         for (size_t e = 0; e < dirs[i].size(); ++e) inputs[i]->storage[e] += t * dirs[i][e];
       }
       const double f = objective();
+      if (branches) same = same && branches() == center;
       for (size_t i = 0; i < inputs.size(); ++i) inputs[i]->storage = saved[i];
       return f;
     };
-    const double h = step;
-    const double fd = (at(-2 * h) - 8 * at(-h) + 8 * at(h) - at(2 * h)) / (12 * h);
-    return size > 0 ? std::abs(fd - analytic) / size : std::abs(fd - analytic);
+    for (double h = step; h > step * 1e-4; h /= 4) {
+      bool same = true;
+      const double fd = (at(-2 * h, same) - 8 * at(-h, same) + 8 * at(h, same) - at(2 * h, same)) / (12 * h);
+      if (!same) continue;  // a branch changes within the stencil: closer
+      return size > 0 ? std::abs(fd - analytic) / size : std::abs(fd - analytic);
+    }
+    ADD_FAILURE() << "no step down to " << step * 1e-4 << " keeps the forward's branches fixed";
+    return 0;
   }
 };
 

@@ -2,8 +2,9 @@
 // __half and __nv_bfloat16: every feature map, bidirectional and causal (bottom-right aligned,
 // Nq != Nk), odd sizes and feature counts (M not a multiple of the 32-feature blocks), every head
 // dim, layouts, masks with fully masked rows, grouped heads with shared and per-head projections,
-// input ranges where the stabilizers matter, many key splits, a caller workspace; argument errors
-// and workspace sizing run without a device.
+// input ranges where the stabilizers matter, many key splits, a caller workspace, leading key
+// tiles fully masked, q/k/v offsets past 2^31; argument errors and workspace sizing run without
+// a device.
 //
 // Tolerance: the kernels compute in float from the T inputs, so against the float64 reference of
 // the same T inputs only float rounding and the final rounding to T remain. float: DESIGN's 1e-5
@@ -47,13 +48,13 @@ std::string describe(const Case& c) {
 }
 
 template <class T>
-void run_case(const Case& c, bool caller_workspace = false) {
+void run_case(const Case& c, const RunOptions& options = {}) {
   SCOPED_TRACE(describe(c) + " " + type_name<T>());
   EFFATTN_TRACE_SEED();
   // Trig by default at small |x'|², where its normalizer stays away from zero (as the CPU test).
   const double stddev =
       c.input_std > 0 ? c.input_std : c.map == FeatureMap::trig ? 0.8 / std::pow(double(c.D), 0.25) : 1.0;
-  DeviceProblem<T> p(c.B, c.H, c.Hk, c.Nq, c.Nk, c.D, c.layout, c.masks, stddev);
+  DeviceProblem<T> p(c.B, c.H, c.Hk, c.Nq, c.Nk, c.D, c.layout, c.masks, options, stddev);
   const int64_t ph = c.shared_projection ? 1 : c.H;
   const std::vector<float> w = effattn::favor_projection(testing_util::rng()(), int(ph), int(c.M), int(c.D));
   const effattn::Tensor<const float> host_proj(w.data(), {1, ph, c.M, c.D}, {ph * c.M * c.D, c.M * c.D, c.D, 1});
@@ -62,16 +63,8 @@ void run_case(const Case& c, bool caller_workspace = false) {
   EFFATTN_TEST_CUDA(cudaMemcpy(dproj.data, w.data(), w.size() * sizeof(float), cudaMemcpyHostToDevice));
   effattn::Favor m{host_proj, c.map, c.causal, c.scale, c.eps};
   m.projection.data = dproj.data;
-  p.run_on_device([&](auto q, auto k, auto v, auto out, const effattn::Masks& masks, effattn::Exec<effattn::Cuda> exec) {
-    DeviceBuffer<unsigned char> ws(caller_workspace ? effattn::workspace_bytes<effattn::Cuda>(m, q, k, v) : 0);
-    ASSERT_TRUE(ws.ok());
-    if (caller_workspace) {
-      exec.workspace = ws.data;
-      exec.workspace_size = ws.size;
-    }
-    effattn::attention<effattn::Cuda>(m, q, k, v, out, masks, exec);
-    EFFATTN_TEST_CUDA(cudaStreamSynchronize(exec.stream));  // before ws goes
-  });
+  p.run(m);
+  if (!p.ran) return;
   double condition = 0;
   const ref::Result r = ref::favor<double>(p.q.cview(), p.k.cview(), p.v.cview(), p.host_masks, host_proj, c.map,
                                            c.causal, c.scale, c.eps, &condition);
@@ -84,12 +77,8 @@ void run_case(const Case& c, bool caller_workspace = false) {
 constexpr FeatureMap kMaps[] = {FeatureMap::positive, FeatureMap::relu, FeatureMap::trig};
 
 template <class T>
-class FavorCuda : public ::testing::Test {
- protected:
-  void SetUp() override { EFFATTN_REQUIRE_DEVICE(); }
-};
-using Types = ::testing::Types<float, __half, __nv_bfloat16>;
-TYPED_TEST_SUITE(FavorCuda, Types);
+class FavorCuda : public DeviceTest<T> {};
+TYPED_TEST_SUITE(FavorCuda, ElementTypes);
 
 TYPED_TEST(FavorCuda, EveryMapBidirectionalAndCausal) {
   for (FeatureMap map : kMaps)
@@ -145,9 +134,24 @@ TYPED_TEST(FavorCuda, ExplicitScaleEpsAndInputRanges) {
 // Long keys with few heads: pass 1 splits the keys over many CTAs whose partial sums are
 // rescaled to the global key max (the running-max combine).
 TYPED_TEST(FavorCuda, ManyKeySplitsAndCallerWorkspace) {
-  for (FeatureMap map : kMaps) run_case<TypeParam>({1, 1, 1, 70, 20000, 64, 32, map, false, true}, true);
+  for (FeatureMap map : kMaps) run_case<TypeParam>({1, 1, 1, 70, 20000, 64, 32, map, false, true}, with_caller_workspace());
   run_case<TypeParam>({1, 1, 1, 3000, 3000, 64, 64, FeatureMap::positive, true, true, Layout::bhsd, false, 0, 0, 2.0},
-                      true);
+                      with_caller_workspace());
+}
+
+// Keys [0, 64) and [0, 250) masked: pass 1 and the causal scan start with key tiles that hold no
+// valid key (the running key max stays -inf there), and early causal rows see no key.
+TYPED_TEST(FavorCuda, FirstAllowedKeyInALaterTile) {
+  for (FeatureMap map : kMaps)
+    for (bool causal : {false, true})
+      run_case<TypeParam>({2, 2, 1, 300, 300, 32, 64, map, causal, false}, with_masked_key_prefix({64, 250}));
+}
+
+// q, k, v at element offsets past 2^31 (DeviceInputs' far placement). No masks: they would empty
+// batch 1, the batch past the 32-bit batch stride.
+TYPED_TEST(FavorCuda, KeyValueOffsetsBeyond32Bits) {
+  for (bool causal : {false, true})
+    run_case<TypeParam>({2, 2, 1, 300, 300, 64, 64, FeatureMap::positive, causal, false}, with_far_offsets());
 }
 
 // Host-only: runs without a device.

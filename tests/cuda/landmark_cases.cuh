@@ -1,7 +1,7 @@
-// Shared pieces of the CUDA Nyström and Proxy tests: device runs with poisoned outputs, the
-// comparison rule, and "the same naive math done in the input type" for DESIGN.md's CUDA
-// tolerance: the landmark pipeline of tests/reference/landmark.hpp with every intermediate (landmark,
-// logit, softmax weight, product, Newton–Schulz step) rounded to T, as a framework computes it.
+// Shared pieces of the CUDA Nyström and Proxy tests: "the same naive math done in the input
+// type" for DESIGN.md's CUDA tolerance, the landmark pipeline of tests/reference/landmark.hpp
+// with every intermediate (landmark, logit, softmax weight, product, Newton–Schulz step)
+// rounded to T, as a framework computes it.
 #pragma once
 #include <effattn/cuda.cuh>
 
@@ -16,7 +16,6 @@
 
 namespace cuda_test {
 
-using testing_util::Layout;
 using testing_util::expect_error;
 
 /// x rounded to T (through float).
@@ -103,65 +102,6 @@ ref::Mat landmark_head_in(const ref::Mat& Q, const ref::Mat& K, const ref::Mat& 
       K2(i, j) = round_to<T>(K2(i, j) * (column_scale.empty() ? 1.0 : column_scale[size_t(j)]));
   return matmul_in<T>(K1, matmul_in<T>(newton_schulz_in<T>(K2, iterations), KV));
 }
-
-/// Inputs of one call on the host, their device copies, and a poisoned device output.
-template <class T>
-struct DeviceProblem {
-  HostTensor<T> q, k, v, out;
-  std::vector<uint8_t> qm, km;
-  effattn::Masks host_masks;
-  T sentinel = effattn::cuda::from_float<T>(12345.0f);
-
-  DeviceProblem(int64_t B, int64_t H, int64_t Hk, int64_t Nq, int64_t Nk, int64_t D, Layout layout, bool masks,
-                double input_std = 1.5)
-      : q(B, H, Nq, D, layout), k(B, Hk, Nk, D, layout), v(B, Hk, Nk, D, layout), out(B, H, Nq, D, layout) {
-    q.fill_normal(input_std);
-    k.fill_normal(input_std);
-    v.fill_normal();
-    poison_view(out, sentinel);
-    if (masks) {
-      // As the CPU tests: the last batch has no valid key, the first no valid query (B > 2), and
-      // runs of invalid tokens empty whole segments elsewhere.
-      km = testing_util::random_mask(B, Nk, 0.7, B > 1 ? B - 1 : -1);
-      qm = testing_util::random_mask(B, Nq, 0.8, B > 2 ? 0 : -1);
-      for (int64_t b = 0; b < B; ++b) {
-        for (int64_t j = Nk / 3; j < Nk / 2; ++j) km[b * Nk + j] = 0;
-        for (int64_t i = Nq / 2; i < 2 * Nq / 3; ++i) qm[b * Nq + i] = 0;
-      }
-      host_masks = {qm.data(), Nq, km.data(), Nk};
-    }
-  }
-
-  /// Uploads, calls run(q, k, v, out, device masks, stream), synchronizes and downloads out.
-  template <class Run>
-  void run_on_device(Run&& run) {
-    DeviceTensor<T> dq(q), dk(k), dv(v), dout(out);
-    DeviceMask dqm(qm), dkm(km);
-    ASSERT_TRUE(dq.buf.ok() && dk.buf.ok() && dv.buf.ok() && dout.buf.ok()) << "cudaMalloc failed";
-    effattn::Masks device_masks;
-    if (!qm.empty()) device_masks = {dqm.buf.data, host_masks.query_batch_stride, dkm.buf.data, host_masks.key_batch_stride};
-    cudaStream_t stream = nullptr;
-    EFFATTN_TEST_CUDA(cudaStreamCreate(&stream));
-    run(dq.cview(), dk.cview(), dv.cview(), dout.view, device_masks, effattn::Exec<effattn::Cuda>{stream});
-    EFFATTN_TEST_CUDA(cudaStreamSynchronize(stream));
-    EFFATTN_TEST_CUDA(cudaStreamDestroy(stream));
-    dout.download(out);
-  }
-
-  /// float: within 1e-5 of the float64 reference (DESIGN's float rule); 16-bit: DESIGN's CUDA
-  /// rule, 2x the error of `naive` (the same math in T), floored at T's epsilon. Every element
-  /// written (poison is NaN), nothing outside the view.
-  void expect_close(const ref::Result& r, const HostTensor<T>& naive) const {
-    const double error = testing_util::relative_error(out.view, r);
-    if constexpr (std::is_same_v<T, float>) {
-      EXPECT_LE(error, 1e-5);
-    } else {
-      const double naive_error = testing_util::relative_error(naive.view, r);
-      EXPECT_LE(error, tolerance<T>(naive_error)) << "naive " << type_name<T>() << " error " << naive_error;
-    }
-    EXPECT_TRUE(outside_unchanged(out, sentinel)) << "wrote outside the out view";
-  }
-};
 
 /// Stores a [Nq, Dv] head result computed in T into `out` (zero rows for invalid queries).
 template <class T>

@@ -1,7 +1,8 @@
 // CUDA Nyström attention against the float64 reference (tests/reference/landmark.hpp) for float,
 // __half and __nv_bfloat16: odd N, N not divisible by M, M up to 256, masks that empty whole
 // segments and whole sequences, grouped heads, bshd/padded views, the exact-softmax fallback,
-// iteration counts, a caller workspace; argument errors and workspace sizing run without a device.
+// iteration counts, a caller workspace, leading key tiles fully masked, q/k/v offsets past 2^31;
+// argument errors and workspace sizing run without a device.
 #include <effattn/cuda.cuh>
 
 #include "landmark_cases.cuh"
@@ -52,33 +53,20 @@ HostTensor<T> nystrom_in(const DeviceProblem<T>& p, const Case& c) {
 }
 
 template <class T>
-void run_case(const Case& c, bool caller_workspace = false) {
+void run_case(const Case& c, const RunOptions& options = {}) {
   SCOPED_TRACE(describe(c) + " " + type_name<T>());
   EFFATTN_TRACE_SEED();
-  DeviceProblem<T> p(c.B, c.H, c.Hk, c.Nq, c.Nk, c.D, c.layout, c.masks);
-  const effattn::Nystrom m{c.M, c.iterations, c.scale};
-  p.run_on_device([&](auto q, auto k, auto v, auto out, const effattn::Masks& masks, effattn::Exec<effattn::Cuda> exec) {
-    DeviceBuffer<unsigned char> ws(caller_workspace ? effattn::workspace_bytes<effattn::Cuda>(m, q, k, v) : 0);
-    ASSERT_TRUE(ws.ok());
-    if (caller_workspace) {
-      exec.workspace = ws.data;
-      exec.workspace_size = ws.size;
-    }
-    effattn::attention<effattn::Cuda>(m, q, k, v, out, masks, exec);
-    EFFATTN_TEST_CUDA(cudaStreamSynchronize(exec.stream));  // before ws goes
-  });
+  DeviceProblem<T> p(c.B, c.H, c.Hk, c.Nq, c.Nk, c.D, c.layout, c.masks, options);
+  p.run(effattn::Nystrom{c.M, c.iterations, c.scale});
+  if (!p.ran) return;
   const ref::Result r = ref::nystrom(p.q.cview(), p.k.cview(), p.v.cview(), p.host_masks, c.M, c.iterations, c.scale);
   // The naive math in T only sets the 16-bit tolerance.
   p.expect_close(r, std::is_same_v<T, float> ? HostTensor<T>(1, 1, 1, 1) : nystrom_in(p, c));
 }
 
 template <class T>
-class NystromCuda : public ::testing::Test {
- protected:
-  void SetUp() override { EFFATTN_REQUIRE_DEVICE(); }
-};
-using Types = ::testing::Types<float, __half, __nv_bfloat16>;
-TYPED_TEST_SUITE(NystromCuda, Types);
+class NystromCuda : public DeviceTest<T> {};
+TYPED_TEST_SUITE(NystromCuda, ElementTypes);
 
 TYPED_TEST(NystromCuda, OddLengthsAndLandmarkCounts) {
   for (int64_t n : {1, 7, 1000, 4097})
@@ -109,7 +97,20 @@ TYPED_TEST(NystromCuda, GroupedHeadsIterationsScaleAndCallerWorkspace) {
   run_case<TypeParam>({2, 6, 1, 350, 290, 32, 16, false, Layout::bshd});
   for (int it : {0, 1, 3, 6}) run_case<TypeParam>({1, 2, 2, 300, 300, 32, 32, false, Layout::bhsd, it});
   run_case<TypeParam>({2, 2, 2, 300, 300, 64, 32, true, Layout::bhsd, 6, 0.3f});
-  run_case<TypeParam>({2, 3, 3, 500, 500, 32, 64, true}, /*caller_workspace=*/true);
+  run_case<TypeParam>({2, 3, 3, 500, 500, 32, 64, true}, with_caller_workspace());
+}
+
+// Keys [0, 600) masked: K3's query landmarks see no key in the first tiles, and the key
+// landmarks of those segments drop, so K1's first landmark tile (64 or 32 wide) has none either.
+TYPED_TEST(NystromCuda, FirstAllowedKeyInALaterTile) {
+  run_case<TypeParam>({2, 2, 1, 1000, 1000, 64, 128}, with_masked_key_prefix({600, 130}));
+  run_case<TypeParam>({1, 2, 2, 700, 700, 256, 64}, with_masked_key_prefix({400}));
+}
+
+// q, k, v at element offsets past 2^31 (DeviceInputs' far placement). No masks: they would empty
+// batch 1, the batch past the 32-bit batch stride.
+TYPED_TEST(NystromCuda, KeyValueOffsetsBeyond32Bits) {
+  run_case<TypeParam>({2, 2, 1, 300, 300, 64, 32}, with_far_offsets());
 }
 
 // Host-only: runs without a device.

@@ -1,7 +1,8 @@
 // CUDA proxy-token attention against the float64 reference (tests/reference/landmark.hpp) for
 // float, __half and __nv_bfloat16: proxies shared by the batch or per sequence (and mixed), M up
 // to 256, odd N, no inverse, iteration counts, column dropout with the CPU's Philox draw, masks,
-// grouped heads, strided views, a caller workspace; errors and workspace sizing without a device.
+// grouped heads, strided views, a caller workspace, leading key tiles fully masked, q/k/v
+// offsets past 2^31; errors and workspace sizing without a device.
 #include <effattn/cuda.cuh>
 
 #include "landmark_cases.cuh"
@@ -55,27 +56,18 @@ HostTensor<T> proxy_in(const DeviceProblem<T>& p, const HostTensor<T>& pq, const
 }
 
 template <class T>
-void run_case(const Case& c, bool caller_workspace = false) {
+void run_case(const Case& c, const RunOptions& options = {}) {
   SCOPED_TRACE(describe(c) + " " + type_name<T>());
   EFFATTN_TRACE_SEED();
-  DeviceProblem<T> p(c.B, c.H, c.Hk, c.Nq, c.Nk, c.D, c.layout, c.masks);
+  DeviceProblem<T> p(c.B, c.H, c.Hk, c.Nq, c.Nk, c.D, c.layout, c.masks, options);
   HostTensor<T> pq(c.proxy_batch_q, c.H, c.M, c.D, c.layout), pk(c.proxy_batch_k, c.H, c.M, c.D, c.layout);
   pq.fill_normal(1.5);
   pk.fill_normal(1.5);
   const uint64_t seed = testing_util::rng()();
   DeviceTensor<T> dpq(pq), dpk(pk);
   ASSERT_TRUE(dpq.buf.ok() && dpk.buf.ok());
-  const effattn::Proxy<T> m{dpq.cview(), dpk.cview(), c.iterations, c.dropout, seed, c.scale};
-  p.run_on_device([&](auto q, auto k, auto v, auto out, const effattn::Masks& masks, effattn::Exec<effattn::Cuda> exec) {
-    DeviceBuffer<unsigned char> ws(caller_workspace ? effattn::workspace_bytes<effattn::Cuda>(m, q, k, v) : 0);
-    ASSERT_TRUE(ws.ok());
-    if (caller_workspace) {
-      exec.workspace = ws.data;
-      exec.workspace_size = ws.size;
-    }
-    effattn::attention<effattn::Cuda>(m, q, k, v, out, masks, exec);
-    EFFATTN_TEST_CUDA(cudaStreamSynchronize(exec.stream));  // before ws goes
-  });
+  p.run(effattn::Proxy<T>{dpq.cview(), dpk.cview(), c.iterations, c.dropout, seed, c.scale});
+  if (!p.ran) return;
   const ref::Result r = ref::proxy(p.q.cview(), p.k.cview(), p.v.cview(), p.host_masks, pq.cview(), pk.cview(),
                                    c.iterations, c.dropout, seed, c.scale);
   // The naive math in T only sets the 16-bit tolerance.
@@ -83,12 +75,8 @@ void run_case(const Case& c, bool caller_workspace = false) {
 }
 
 template <class T>
-class ProxyCuda : public ::testing::Test {
- protected:
-  void SetUp() override { EFFATTN_REQUIRE_DEVICE(); }
-};
-using Types = ::testing::Types<float, __half, __nv_bfloat16>;
-TYPED_TEST_SUITE(ProxyCuda, Types);
+class ProxyCuda : public DeviceTest<T> {};
+TYPED_TEST_SUITE(ProxyCuda, ElementTypes);
 
 TYPED_TEST(ProxyCuda, OddLengthsAndProxyCounts) {
   for (int64_t n : {1, 7, 1000, 4097})
@@ -122,7 +110,19 @@ TYPED_TEST(ProxyCuda, LayoutsMasksGroupedHeadsAndCallerWorkspace) {
     run_case<TypeParam>({3, 4, 2, 600, 500, 64, 64, 3, 3, 6, 0.1f, true, l});
   run_case<TypeParam>({2, 8, 2, 400, 400, 128, 32, 1, 1, 6, 0.2f, true});
   run_case<TypeParam>({2, 6, 1, 350, 290, 96, 16, 2, 2, 6, 0, false, Layout::bshd});
-  run_case<TypeParam>({2, 3, 3, 500, 500, 256, 64, 1, 1, 6, 0.3f, true}, /*caller_workspace=*/true);
+  run_case<TypeParam>({2, 3, 3, 500, 500, 256, 64, 1, 1, 6, 0.3f, true}, with_caller_workspace());
+}
+
+// Keys [0, 300) masked: K3's proxies see no key in their first tiles.
+TYPED_TEST(ProxyCuda, FirstAllowedKeyInALaterTile) {
+  run_case<TypeParam>({2, 2, 1, 700, 700, 64, 64, 2, 2}, with_masked_key_prefix({300, 64}));
+  run_case<TypeParam>({1, 2, 2, 500, 500, 256, 32, 1, 1, 0}, with_masked_key_prefix({130}));
+}
+
+// q, k, v at element offsets past 2^31 (DeviceInputs' far placement). No masks: they would empty
+// batch 1, the batch past the 32-bit batch stride.
+TYPED_TEST(ProxyCuda, KeyValueOffsetsBeyond32Bits) {
+  for (int64_t pb : {1, 2}) run_case<TypeParam>({2, 2, 1, 300, 300, 64, 32, pb, pb, 6, 0.1f}, with_far_offsets());
 }
 
 // Host-only: runs without a device.

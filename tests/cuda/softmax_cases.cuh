@@ -1,7 +1,8 @@
 // CUDA softmax attention against the float64 reference, for one element type per test file
 // (EFFATTN_SOFTMAX_CUDA_TESTS(Suite, T)): every dispatched head dim, odd sizes, layouts, masks
-// with fully masked rows, causal (bottom-right aligned), grouped heads, B*H beyond the grid's
-// y limit and offsets beyond 2^31. Tolerance: DESIGN.md's CUDA rule against the naive math in T.
+// with fully masked rows, leading key tiles fully masked, causal (bottom-right aligned), grouped
+// heads, B*H beyond the grid's y limit, q/out and q/k/v offsets beyond 2^31. Tolerance:
+// DESIGN.md's CUDA rule against the naive math in T.
 #pragma once
 #include <effattn/cuda.cuh>
 
@@ -17,7 +18,6 @@ namespace cuda_test {
 
 using effattn::Masks;
 using effattn::Tensor;
-using testing_util::Layout;
 
 /// The naive computation done in T, as a framework does it: logits q.k accumulated in float and
 /// rounded to T, times the scale rounded to T, softmax in float rounded to T, P.V accumulated in
@@ -80,42 +80,20 @@ inline std::string describe(const Case& c) {
          " scale=" + std::to_string(c.scale);
 }
 
-/// Runs one case on `stream` and checks it against the float64 reference.
+/// Runs one case and checks it against the float64 reference.
 template <class T>
-void run_case(const Case& c, cudaStream_t stream = nullptr) {
+void run_case(const Case& c, const RunOptions& options = {}) {
   SCOPED_TRACE(describe(c) + " " + type_name<T>());
   EFFATTN_TRACE_SEED();
-  HostTensor<T> q(c.B, c.H, c.Nq, c.D, c.layout), k(c.B, c.Hk, c.Nk, c.D, c.layout),
-      v(c.B, c.Hk, c.Nk, c.D, c.layout), out(c.B, c.H, c.Nq, c.D, c.layout);
-  q.fill_normal(1.5);
-  k.fill_normal(1.5);
-  v.fill_normal();
-  const T sentinel = effattn::cuda::from_float<T>(12345.0f);
-  poison_view(out, sentinel);
-  std::vector<uint8_t> qm, km;
-  Masks host_masks;
-  if (c.masks) {
-    // The last batch has no valid key; queries drop at random.
-    km = testing_util::random_mask(c.B, c.Nk, 0.7, c.B > 1 ? c.B - 1 : -1);
-    qm = testing_util::random_mask(c.B, c.Nq, 0.8);
-    host_masks = {qm.data(), c.Nq, km.data(), c.Nk};
-  }
-  DeviceTensor<T> dq(q), dk(k), dv(v), dout(out);
-  DeviceMask dqm(qm), dkm(km);
-  ASSERT_TRUE(dq.buf.ok() && dk.buf.ok() && dv.buf.ok() && dout.buf.ok()) << "cudaMalloc failed";
-  Masks device_masks;
-  if (c.masks) device_masks = {dqm.buf.data, c.Nq, dkm.buf.data, c.Nk};
-  effattn::attention<effattn::Cuda>(effattn::Softmax{c.scale, c.causal}, dq.cview(), dk.cview(), dv.cview(),
-                                    dout.view, device_masks, effattn::Exec<effattn::Cuda>{stream});
-  EFFATTN_TEST_CUDA(cudaStreamSynchronize(stream));
-  dout.download(out);
-
-  const ref::Result r = ref::softmax(q.cview(), k.cview(), v.cview(), host_masks, c.scale, c.causal);
-  const HostTensor<T> naive = naive_softmax(q.cview(), k.cview(), v.cview(), host_masks, c.scale, c.causal);
+  DeviceProblem<T> p(c.B, c.H, c.Hk, c.Nq, c.Nk, c.D, c.layout, c.masks, options);
+  p.run(effattn::Softmax{c.scale, c.causal});
+  if (!p.ran) return;
+  const ref::Result r = ref::softmax(p.q.cview(), p.k.cview(), p.v.cview(), p.host_masks, c.scale, c.causal);
+  const HostTensor<T> naive = naive_softmax(p.q.cview(), p.k.cview(), p.v.cview(), p.host_masks, c.scale, c.causal);
   const double naive_error = testing_util::relative_error(naive.view, r);
-  const double error = testing_util::relative_error(out.view, r);
+  const double error = testing_util::relative_error(p.out.view, r);
   EXPECT_LE(error, tolerance<T>(naive_error)) << "naive " << type_name<T>() << " error " << naive_error;
-  EXPECT_TRUE(outside_unchanged(out, sentinel)) << "wrote outside the out view";
+  EXPECT_TRUE(outside_unchanged(p.out, p.sentinel)) << "wrote outside the out view";
 }
 
 template <class T>
@@ -168,7 +146,12 @@ void run_beyond_32bit_offsets() {
 
 }  // namespace cuda_test
 
-// All value tests for element type T, as TESTs of suite `Suite`.
+// All value tests for element type T, as TESTs of suite `Suite`. FirstAllowedKeyInALaterTile masks
+// keys [0, n) for n = one 64-key tile (two float tiles at D <= 128), several tiles, and all but
+// the last key; with causal and Nq < Nk most rows then see no key, and causal with Nq > Nk leaves
+// rows i < Nq - Nk without one (their query tiles run no key tile at all).
+// KeyValueOffsetsBeyond32Bits puts q, k and v at offsets past 2^31 (DeviceInputs' far placement),
+// without masks, which would empty batch 1, the batch past the 32-bit batch stride.
 #define EFFATTN_SOFTMAX_CUDA_TESTS(Suite, T)                                                            \
   using cuda_test::Case;                                                                                \
   using testing_util::Layout;                                                                           \
@@ -220,10 +203,25 @@ void run_beyond_32bit_offsets() {
     EFFATTN_REQUIRE_DEVICE();                                                                           \
     cudaStream_t stream = nullptr;                                                                      \
     EFFATTN_TEST_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));                       \
-    cuda_test::run_case<T>({2, 3, 3, 190, 260, 64, true, true, Layout::bhsd}, stream);                  \
+    cuda_test::run_case<T>({2, 3, 3, 190, 260, 64, true, true, Layout::bhsd}, cuda_test::on_stream(stream)); \
     EFFATTN_TEST_CUDA(cudaStreamDestroy(stream));                                                       \
+  }                                                                                                     \
+  TEST(Suite, FirstAllowedKeyInALaterTile) {                                                            \
+    EFFATTN_REQUIRE_DEVICE();                                                                           \
+    const cuda_test::RunOptions prefix = cuda_test::with_masked_key_prefix({64, 200, 511});             \
+    for (int64_t d : {64, 128, 256})                                                                    \
+      for (bool causal : {false, true})                                                                 \
+        cuda_test::run_case<T>({3, 2, 1, 300, 512, d, causal, false, Layout::bhsd}, prefix);            \
+    cuda_test::run_case<T>({2, 2, 2, 400, 150, 64, true, false, Layout::bhsd},                          \
+                           cuda_test::with_masked_key_prefix({64, 100}));                               \
+    cuda_test::run_case<T>({2, 2, 2, 400, 150, 128, true, true, Layout::bshd});                         \
   }                                                                                                     \
   TEST(Suite, OffsetsBeyond32Bits) {                                                                    \
     EFFATTN_REQUIRE_DEVICE();                                                                           \
     cuda_test::run_beyond_32bit_offsets<T>();                                                           \
+  }                                                                                                     \
+  TEST(Suite, KeyValueOffsetsBeyond32Bits) {                                                            \
+    EFFATTN_REQUIRE_DEVICE();                                                                           \
+    for (bool causal : {false, true})                                                                   \
+      cuda_test::run_case<T>({2, 2, 1, 300, 300, 64, causal, false, Layout::bhsd}, cuda_test::with_far_offsets()); \
   }

@@ -1,7 +1,10 @@
 // CUDA softmax: argument errors (no device needed), CudaError, workspace, and the raw tile
 // interface with mixed element types as the landmark operators use it. Value tests per element
 // type live in softmax_{float,half,bf16}_test.cu.
+#include <algorithm>
+#include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "softmax_cases.cuh"
@@ -92,6 +95,33 @@ TEST(SoftmaxCuda, NeedsNoWorkspace) {
   EXPECT_EQ(effattn::workspace_bytes<Cuda>(effattn::Softmax{}, m.in(2, 4, 1000, 64), m.in(2, 4, 1000, 64),
                                            m.in(2, 4, 1000, 64)),
             0u);
+}
+
+// Host-only: the far placement of the KeyValueOffsetsBeyond32Bits tests really puts rows and
+// batches past 2^31, keeps every operand 16-byte aligned (the cp.async path) and gives every
+// element of q, k and v an address of its own.
+TEST(SoftmaxCuda, FarTestPlacementPassesTwoToThe31) {
+  const HostTensor<__half> q(2, 2, 300, 64), k(2, 1, 300, 64), v(2, 1, 300, 64);
+  const auto p = cuda_test::DeviceInputs<__half>::far_placement(q, k);
+  const int64_t two31 = int64_t(1) << 31;
+  std::vector<std::pair<int64_t, int64_t>> rows;  // [start, end) of every view row
+  const HostTensor<__half>* views[3] = {&q, &k, &v};
+  for (int i = 0; i < 3; ++i) {
+    const auto& shape = views[i]->view.shape;
+    const auto& st = p.stride;
+    EXPECT_GT(st[0], std::numeric_limits<int32_t>::max()) << "batch stride of operand " << i;
+    EXPECT_GE((shape[2] - 1) * st[2], two31) << "row offsets of operand " << i;
+    for (int64_t x : {p.at[i], st[0], st[1], st[2]}) EXPECT_EQ(x * 2 % 16, 0) << "operand " << i;
+    for (int64_t b = 0; b < shape[0]; ++b)
+      for (int64_t h = 0; h < shape[1]; ++h)
+        for (int64_t r = 0; r < shape[2]; ++r) {
+          const int64_t start = p.at[i] + b * st[0] + h * st[1] + r * st[2];
+          rows.push_back({start, start + shape[3]});
+        }
+  }
+  std::sort(rows.begin(), rows.end());
+  for (size_t j = 1; j < rows.size(); ++j) ASSERT_LE(rows[j - 1].second, rows[j].first) << "rows overlap";
+  EXPECT_LE(rows.back().second, static_cast<int64_t>(p.elements));
 }
 
 TEST(SoftmaxCuda, DeviceWorkspaceIsCountedAndStreamOrdered) {

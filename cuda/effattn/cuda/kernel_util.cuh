@@ -50,5 +50,17 @@ __device__ __forceinline__ float block_max(float x, float* red) {
   return r;
 }
 
+/// Sum of x over the block, the same value in every thread (same shape as block_max).
+template <int kThreads>
+__device__ __forceinline__ float block_sum(float x, float* red) {
+  for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = x;
+  __syncthreads();
+  float r = red[0];
+  for (int w = 1; w < kThreads / 32; ++w) r += red[w];
+  __syncthreads();
+  return r;
+}
+
 }  // namespace cuda
 }  // namespace effattn

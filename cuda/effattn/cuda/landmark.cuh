@@ -123,8 +123,9 @@ struct PinvParams {
 
 /// K2 = softmax_row(s Lq Lkᵀ) (rows of dropped query landmarks zero, dropped key landmarks
 /// excluded), column dropout, Z0 = K2ᵀ / (max column sum · max row sum), then
-/// Z <- 0.25 Z (13I − KZ (15I − KZ (7I − KZ))), KZ = K2 Z, `iterations` times; as the CPU's
-/// landmark::kernel2 and newton_schulz. Grid-strided over the matrices.
+/// Z <- 0.25 Z (13I − KZ (15I − KZ (7I − KZ))), KZ = K2 Z, up to `iterations` times (the
+/// Penrose-residual guard); as the CPU's landmark::kernel2 and newton_schulz. Grid-strided over
+/// the matrices.
 template <class TL>
 __global__ void __launch_bounds__(kThreads)
     pinv_kernel(const TL* lq, RowStrides lqs, const TL* lk, RowStrides lks, const PinvParams p) {
@@ -132,7 +133,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float lk_tile[32][kMaxHeadDim + 1];
   const int64_t m = p.m, mm = m * m;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float* const k2 = p.scratch + blockIdx.x * 4 * mm;
+  float* const k2 = p.scratch + static_cast<int64_t>(blockIdx.x) * 4 * mm;
   float* const kz = k2 + mm;
   float* const amat = kz + mm;
   float* const smat = amat + mm;
@@ -201,18 +202,38 @@ __global__ void __launch_bounds__(kThreads)
       max_row = fmaxf(max_row, rsum);
     }
     const float denom = block_max<kThreads>(max_col, red) * block_max<kThreads>(max_row, red);
-    if (!(denom > 0.0f)) {  // every landmark dropped: pinv(0) = 0
-      for (int64_t e = threadIdx.x; e < mm; e += kThreads) z[e] = 0.0f;
+    if (!(denom > 0.0f && denom < INFINITY)) {  // every landmark dropped: pinv(0) = 0; non-finite K2: NaN
+      const float fill = denom == 0.0f ? 0.0f : __int_as_float(0x7fffffff);
+      for (int64_t e = threadIdx.x; e < mm; e += kThreads) z[e] = fill;
       __syncthreads();
       continue;
     }
     for (int64_t e = threadIdx.x; e < mm; e += kThreads) z[e] = k2[(e % m) * m + e / m] / denom;
     __syncthreads();
 
+    // As the CPU's newton_schulz: stop before an iterate whose Penrose residual ‖K2 Z K2 − K2‖
+    // exceeds twice its best (it never grows in exact arithmetic; rounding in a near-singular
+    // K2 is taking over), keeping the iterate before. Every thread sees the same residual.
     float* cur = z;
     float* spare = smat;
-    for (int it = 0; it < p.iterations; ++it) {
-      block_gemm(kz, m, k2, m, cur, m, m, m, m, 0.0f, 1.0f);  // KZ = K2 Z
+    float best = INFINITY;
+    for (int it = 0; it <= p.iterations; ++it) {
+      block_gemm(kz, m, k2, m, cur, m, m, m, m, 0.0f, 1.0f);    // KZ = K2 Z
+      block_gemm(amat, m, kz, m, k2, m, m, m, m, 0.0f, 1.0f);   // KZ K2
+      float part = 0.0f;
+      for (int64_t e = threadIdx.x; e < mm; e += kThreads) {
+        const float r = amat[e] - k2[e];
+        part = fmaf(r, r, part);
+      }
+      const float residual = sqrtf(block_sum<kThreads>(part, red));
+      if (it > 0 && !(residual <= 2.0f * best)) {  // grown, or NaN: back to the previous iterate
+        float* const t = cur;
+        cur = spare;
+        spare = t;
+        break;
+      }
+      best = fminf(best, residual);
+      if (it == p.iterations) break;
       for (int64_t e = threadIdx.x; e < mm; e += kThreads) amat[e] = (e / m == e % m ? 7.0f : 0.0f) - kz[e];
       __syncthreads();
       block_gemm(spare, m, kz, m, amat, m, m, m, m, 15.0f, -1.0f);  // S = 15I − KZ A

@@ -20,7 +20,9 @@
 #pragma once
 #include <Eigen/Core>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <utility>
 
 #include "effattn/core.hpp"
@@ -89,26 +91,76 @@ constexpr size_t pinv_scratch_bytes(int64_t M) {
   return 3 * detail::bytes_of<T>(static_cast<size_t>(M * M));
 }
 
-/// Z = pinv(K2) by Nyströmformer's Newton–Schulz iteration: Z0 = K2ᵀ / (max column sum · max
-/// row sum) of this matrix alone, then Z <- 0.25 Z (13I − K2Z (15I − K2Z (7I − K2Z))) `iterations`
-/// times. Zero rows/columns of K2 stay zero columns/rows of Z; K2 = 0 gives Z = 0.
+/// Z0 = K2ᵀ / (c r) with c the largest column sum and r the largest row sum of K2 (the first
+/// column / row on ties: the backward differentiates through that column and row).
 template <class T>
-void newton_schulz(const T* k2, int64_t M, int iterations, T* z, detail::Arena scratch) {
+struct Z0Scale {
+  T c = 0, r = 0;
+  int64_t column = 0, row = 0;
+  T denom() const { return c * r; }
+};
+template <class T>
+Z0Scale<T> z0_scale(const ConstMap<T>& K2) {
+  Z0Scale<T> z;
+  z.c = z.r = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < K2.cols(); ++j) {
+    const T col = K2.col(j).sum(), row = K2.row(j).sum();
+    if (col > z.c) z.c = col, z.column = j;
+    if (row > z.r) z.r = row, z.row = j;
+  }
+  return z;
+}
+
+/// ‖K2 Z K2 − K2‖_F, given KZ = K2 Z, with `tmp` [M, M] as scratch.
+template <class T>
+T penrose_residual(const ConstMap<T>& K2, const Map<T>& KZ, Map<T>& tmp) {
+  tmp.noalias() = KZ * K2;
+  tmp -= K2;
+  return tmp.norm();
+}
+
+/// Z = pinv(K2) by Nyströmformer's Newton–Schulz iteration: Z0 = K2ᵀ / (max column sum · max
+/// row sum) of this matrix alone, then Z <- 0.25 Z (13I − K2Z (15I − K2Z (7I − K2Z))) up to
+/// `iterations` times. Zero rows/columns of K2 stay zero columns/rows of Z; K2 = 0 gives Z = 0.
+///
+/// Guard: in exact arithmetic the Penrose residual ‖K2 Z K2 − K2‖ never grows along the
+/// iteration. Once it exceeds twice its smallest value so far (or is not finite), rounding
+/// amplified by a near-singular K2 has taken over (each step multiplies what lies in K2's near
+/// null space by up to 3.25): the iteration stops and keeps the iterate before. So any count is
+/// safe; where the result is meaningful the guard never fires. Returns the steps taken. With
+/// `iterates` (room for (iterations + 1) M × M), stores Z0, Z1, ... for the backward.
+template <class T>
+int newton_schulz(const T* k2, int64_t M, int iterations, T* z, detail::Arena scratch, T* iterates = nullptr) {
   ConstMap<T> K2(k2, M, M);
-  const T denom = K2.colwise().sum().maxCoeff() * K2.rowwise().sum().maxCoeff();
+  const T denom = z0_scale(K2).denom();
   Map<T> Z(z, M, M);
-  if (!(denom > T(0))) {  // every landmark dropped: pinv(0) = 0
-    Z.setZero();
-    return;
+  if (!(denom > T(0) && std::isfinite(denom))) {
+    // Every landmark dropped: pinv(0) = 0. A non-finite K2 (from non-finite input) must show as
+    // NaN, not vanish into a zero Z.
+    if (denom == T(0)) Z.setZero();
+    else Z.setConstant(std::numeric_limits<T>::quiet_NaN());
+    if (iterates != nullptr) Map<T>(iterates, M, M) = Z;
+    return 0;
   }
   Z = K2.transpose() / denom;
+  if (iterates != nullptr) Map<T>(iterates, M, M) = Z;
   Map<T> KZ(scratch.take<T>(M * M), M, M), A(scratch.take<T>(M * M), M, M);
   T* cur = z;
   T* spare = scratch.take<T>(M * M);
   const auto I = RowMatrix<T>::Identity(M, M);
-  for (int it = 0; it < iterations; ++it) {
+  T best = std::numeric_limits<T>::infinity();
+  int steps = 0;
+  for (int it = 0; it <= iterations; ++it) {
     Map<T> Zc(cur, M, M), S(spare, M, M);
     KZ.noalias() = K2 * Zc;
+    const T residual = penrose_residual(K2, KZ, A);
+    if (it > 0 && !(residual <= 2 * best)) {  // grown, or NaN: back to the previous iterate
+      std::swap(cur, spare);
+      --steps;
+      break;
+    }
+    best = std::min(best, residual);
+    if (it == iterations) break;
     A = T(7) * I - KZ;
     S = T(15) * I;  // S holds 15I − KZ·A, then the next Z
     S.noalias() -= KZ * A;
@@ -116,8 +168,11 @@ void newton_schulz(const T* k2, int64_t M, int iterations, T* z, detail::Arena s
     A.noalias() -= KZ * S;
     S.noalias() = T(0.25) * (Zc * A);
     std::swap(cur, spare);
+    ++steps;
+    if (iterates != nullptr) Map<T>(iterates + steps * M * M, M, M) = S;
   }
   if (cur != z) Z = Map<T>(cur, M, M);
+  return steps;
 }
 
 /// Scratch for kernel2 + newton_schulz (not counting K2 and Z themselves).
@@ -132,6 +187,20 @@ struct Dropout {
   int64_t b = 0, h = 0;
   float p = 0;
 };
+
+/// The dropout's factor of column c: 1/(1 − p) when kept, 0 when dropped.
+template <class T>
+T column_factor(const Dropout& drop, int64_t c) {
+  return column_keep(drop.seed, drop.b, drop.h, c, drop.p) ? T(1) / (T(1) - static_cast<T>(drop.p)) : T(0);
+}
+
+/// K2's columns times their dropout factors (nothing without dropout).
+template <class T>
+void apply_column_dropout(const Dropout& drop, T* k2, int64_t rows, int64_t cols) {
+  if (!(drop.p > 0.0f)) return;
+  Map<T> K2(k2, rows, cols);
+  for (int64_t c = 0; c < cols; ++c) K2.col(c) *= column_factor<T>(drop, c);
+}
 
 /// K2 = softmax_row(s Lq Lkᵀ) [M, M] by the tile kernel over values = identity; rows of dropped
 /// query landmarks are zero, dropped key landmarks are excluded. Then the decomposed dropout:
@@ -154,11 +223,7 @@ void kernel2(const MatrixView<const T>& lq, const uint8_t* lq_valid, const Matri
   p.query_valid = lq_valid;
   p.scale = scale;
   attend_head(p, scratch);
-  if (drop.p > 0.0f) {
-    const T keep_scale = T(1) / (T(1) - static_cast<T>(drop.p));
-    Map<T> K2(k2, M, Mk);
-    for (int64_t c = 0; c < Mk; ++c) K2.col(c) *= column_keep(drop.seed, drop.b, drop.h, c, drop.p) ? keep_scale : T(0);
-  }
+  apply_column_dropout(drop, k2, M, Mk);
 }
 
 /// Z for one (batch, head): K2 then Newton–Schulz. z_scratch_bytes + one M² of scratch.
@@ -320,6 +385,420 @@ void landmark_attention(const LandmarkSpec<T>& spec, const detail::Dims& d, Tens
       attend_rows(p, i0, std::min(d.Nq, i0 + Tiles::kQuery), scratch);
     });
   }
+}
+
+// ---- Backward ------------------------------------------------------------------------------------
+// DESIGN.md, "Backward", landmark: with W3 = K3·V and W = Z·W3, out is the attention of Q over
+// (Lk, W): its softmax backward gives dQ (direct part), dLk and dW. Then dZ = dW·W3ᵀ, dW3 = Zᵀ·dW;
+// W3 is the attention of Lq over (K, V): its backward gives dLq, dK, dV. Z is differentiated
+// through the Newton–Schulz steps as computed (reverse mode over the stored iterates, Z0's scale
+// through its arg-max column and row), then K2's dropout factors and row softmax give more dLq,
+// dLk. Nyström spreads dLq_i over the valid rows of segment i as dLq_i / count_i (dLk likewise);
+// Proxy returns them as the proxy gradients, summed over the batch for batch-extent-1 proxies.
+//
+// Work items are (batch, key head) pairs, each running its group's query heads in order, so
+// dk, dv have one writer; items run in chunks of one per thread. Proxy gradients of batch extent 1
+// (and, for shared proxies, dZ) go to per-item slots that are added up after each chunk in item
+// order: sums over the batch are deterministic. Shared proxies differentiate their one Z per head
+// at the end, from dZ summed over the batch.
+namespace landmark {
+
+/// dA for Z = newton_schulz(A, steps), from its stored iterates Z0..Z_steps and dZ = ∂L/∂Z.
+/// Each step Z' = ¼ Z Y3 with X = A Z, Y1 = 7I − X, Y2 = 15I − X Y1, Y3 = 13I − X Y2 is reversed
+/// operation by operation (X, Y1, Y2, Y3 recomputed from Z and A); Z0 = Aᵀ / (c r) last.
+/// Scratch: 8 M × M.
+template <class T>
+void newton_schulz_backward(const T* a, int64_t M, int steps, const T* iterates, const T* dz, T* da,
+                            detail::Arena scratch) {
+  ConstMap<T> A(a, M, M);
+  Map<T> dA(da, M, M);
+  dA.setZero();
+  const Z0Scale<T> z0 = z0_scale(A);
+  const T denom = z0.denom();
+  if (!(denom > T(0) && std::isfinite(denom))) {  // Z = 0 (nothing to differentiate) or NaN (stays NaN)
+    if (denom != T(0)) dA.setConstant(std::numeric_limits<T>::quiet_NaN());
+    return;
+  }
+  const auto take = [&] { return Map<T>(scratch.take<T>(M * M), M, M); };
+  Map<T> G = take(), X = take(), Y1 = take(), Y2 = take(), Y3 = take(), gY = take(), gX = take(), gZ = take();
+  G = ConstMap<T>(dz, M, M);
+  const auto I = RowMatrix<T>::Identity(M, M);
+  for (int t = steps - 1; t >= 0; --t) {
+    const ConstMap<T> Z(iterates + t * M * M, M, M);
+    X.noalias() = A * Z;
+    Y1 = T(7) * I - X;
+    Y2 = T(15) * I;
+    Y2.noalias() -= X * Y1;
+    Y3 = T(13) * I;
+    Y3.noalias() -= X * Y2;
+    G *= T(0.25);                           // ∂L/∂(Z Y3)
+    gZ.noalias() = G * Y3.transpose();      // through Z of Z·Y3
+    gY.noalias() = Z.transpose() * G;       // ∂L/∂Y3
+    gX.noalias() = -(gY * Y2.transpose());  // Y3 = 13I − X Y2
+    G.noalias() = -(X.transpose() * gY);    // ∂L/∂Y2
+    gX.noalias() -= G * Y1.transpose();     // Y2 = 15I − X Y1
+    gY.noalias() = -(X.transpose() * G);    // ∂L/∂Y1
+    gX -= gY;                               // Y1 = 7I − X
+    dA.noalias() += gX * Z.transpose();     // X = A Z
+    gZ.noalias() += A.transpose() * gX;
+    G = gZ;                                 // ∂L/∂Z of this step's input
+  }
+  // Z0 = Aᵀ / (c r), c = column sum at z0.column, r = row sum at z0.row.
+  dA += G.transpose() / denom;
+  const T sigma = (G.transpose().array() * A.array()).sum();  // ⟨G, Aᵀ⟩
+  dA.col(z0.column).array() -= sigma / (z0.c * denom);
+  dA.row(z0.row).array() -= sigma / (z0.r * denom);
+}
+
+/// K2 = softmax_row(s Lq Lkᵀ) with dropped entries fixed at 0: for dK2, adds s dS Lk to dLq and
+/// s dSᵀ Lq to dLk, dS = K2 ∘ (dK2 − rowsum(dK2 ∘ K2)). Scratch: M² + 2 M D.
+template <class T>
+void kernel2_backward(const T* k2, const T* dk2, const MatrixView<const T>& lq, const MatrixView<const T>& lk, T scale,
+                      T* dlq, T* dlk, detail::Arena scratch) {
+  const int64_t M = lq.rows, D = lq.cols;
+  const ConstMap<T> K2(k2, M, M), dK2(dk2, M, M);
+  Map<T> dS(scratch.take<T>(M * M), M, M);
+  dS = K2.array() * (dK2.array().colwise() - (dK2.array() * K2.array()).rowwise().sum());
+  const auto Lq = detail_tiles::rows_of(lq, 0, M, scratch.take<T>(M * D));
+  const auto Lk = detail_tiles::rows_of(lk, 0, M, scratch.take<T>(M * D));
+  Map<T>(dlq, M, D).noalias() += scale * (dS * Lk);
+  Map<T>(dlk, M, D).noalias() += scale * (dS.transpose() * Lq);
+}
+
+/// dst rows [0, M) (+)= src [M, cols] (dense), through a strided view.
+template <class T>
+void add_to(const MatrixView<T>& dst, const T* src, bool assign) {
+  for (int64_t r = 0; r < dst.rows; ++r)
+    for (int64_t c = 0; c < dst.cols; ++c) dst(r, c) = (assign ? T(0) : dst(r, c)) + src[r * dst.cols + c];
+}
+
+/// Nyström's landmark gradient dL [M, D] into the rows it averaged: row r of segment i gets
+/// dL_i / count_i when valid (the segments of segment_means).
+template <class T>
+void spread_segments(const T* dl, int64_t M, const uint8_t* valid, const MatrixView<T>& dx) {
+  const int64_t N = dx.rows, D = dx.cols;
+  for (int64_t i = 0; i < M; ++i) {
+    const int64_t r0 = i * N / M, r1 = (i + 1) * N / M;
+    int64_t count = 0;
+    for (int64_t r = r0; r < r1; ++r) count += valid == nullptr || valid[r] != 0;
+    if (count == 0) continue;
+    const T inv = T(1) / static_cast<T>(count);
+    for (int64_t r = r0; r < r1; ++r)
+      if (valid == nullptr || valid[r] != 0)
+        for (int64_t c = 0; c < D; ++c) dx(r, c) += dl[i * D + c] * inv;
+  }
+}
+
+/// Counts bytes (arena == nullptr) or hands out pieces of an arena: one layout for both.
+struct Carver {
+  detail::Arena* arena = nullptr;
+  size_t bytes = 0;
+  template <class U>
+  U* take(int64_t count) {
+    if (arena != nullptr) return arena->take<U>(static_cast<size_t>(count));
+    bytes += detail::bytes_of<U>(static_cast<size_t>(count));
+    return nullptr;
+  }
+};
+
+/// The buffers of one (b, h) of the backward.
+template <class T>
+struct HeadBuffers {
+  T *lq = nullptr, *lk = nullptr;                  // [M, D] Nyström landmarks (Proxy: the views)
+  uint8_t *lq_valid = nullptr, *lk_valid = nullptr;
+  T* lse3 = nullptr;                               // [M] row statistics of K3
+  T *w3 = nullptr, *w = nullptr, *dw = nullptr, *dw3 = nullptr;  // [M, Dv]
+  T *dlq = nullptr, *dlk = nullptr;                // [M, D]
+  T *k2 = nullptr, *a = nullptr, *z = nullptr, *dz = nullptr, *da = nullptr;  // [M, M]
+  T* iterates = nullptr;                           // [(iterations + 1) M, M]
+
+  /// own_z: K2 and Z per (b, h) (not shared), so K2, A, the iterates and dA live here.
+  static HeadBuffers carve(Carver& c, int64_t M, int64_t D, int64_t Dv, bool nystrom, bool invert, bool own_z,
+                           int iterations) {
+    HeadBuffers h;
+    if (nystrom) {
+      h.lq = c.take<T>(M * D);
+      h.lk = c.take<T>(M * D);
+      h.lq_valid = c.take<uint8_t>(M);
+      h.lk_valid = c.take<uint8_t>(M);
+    }
+    h.lse3 = c.take<T>(M);
+    h.w3 = c.take<T>(M * Dv);
+    h.dw = c.take<T>(M * Dv);
+    if (invert) {
+      h.w = c.take<T>(M * Dv);
+      h.dw3 = c.take<T>(M * Dv);
+      h.dz = c.take<T>(M * M);
+    }
+    h.dlq = c.take<T>(M * D);
+    h.dlk = c.take<T>(M * D);
+    if (own_z) {
+      h.k2 = c.take<T>(M * M);
+      h.a = c.take<T>(M * M);
+      h.z = c.take<T>(M * M);
+      h.da = c.take<T>(M * M);
+      h.iterates = c.take<T>((iterations + 1) * M * M);
+    }
+    return h;
+  }
+};
+
+/// Scratch, after a head's buffers, for the stages that run one after another on it.
+template <class T>
+size_t backward_work_bytes(int64_t M, int64_t D, int64_t Dv) {
+  using detail::bytes_of;
+  return std::max({tile_scratch_bytes<T>(D, Dv), z_scratch_bytes<T>(M, D), backward_scratch_bytes<T>(D, Dv),
+                   8 * bytes_of<T>(M * M), bytes_of<T>(M * M) + 2 * bytes_of<T>(M * D)});
+}
+
+/// Workspace layout of one landmark backward (run and backward_workspace_bytes share it).
+struct BackwardPlan {
+  int threads = 1;
+  int64_t items = 1, chunk = 1;  // (b, key head) pairs, and how many run at once
+  size_t shared = 0;             // shared proxies: Z and the batch's dZ per head, [2, H, M, M]
+  size_t prepass = 0;            // per thread: one head's Z (shared proxies)
+  size_t per_item = 0;           // per thread: one head's buffers + work scratch
+  size_t slots = 0;              // per item: batch-extent-1 proxy gradients and dZ of its heads
+  size_t final_head = 0;         // per thread: differentiating one shared Z
+  int64_t heads = 1;             // the prepass and the final phase run per head
+  size_t total() const {
+    const size_t chunked = slots * static_cast<size_t>(chunk) + parallel_bytes(threads, chunk, per_item);
+    return shared + std::max({chunked, shared > 0 ? parallel_bytes(threads, heads, prepass) : 0,
+                              shared > 0 ? parallel_bytes(threads, heads, final_head) : 0});
+  }
+};
+
+template <class T>
+BackwardPlan backward_plan(const LandmarkSpec<T>& spec, const detail::Dims& d, int threads) {
+  using detail::bytes_of;
+  const int64_t M = spec.M, MM = M * M;
+  const bool shared = spec.shared_z(), own_z = spec.invert && !shared;
+  BackwardPlan p;
+  p.threads = threads;
+  p.items = d.B * d.Hk;
+  p.chunk = std::max<int64_t>(1, std::min<int64_t>(threads, p.items));
+  Carver head;
+  HeadBuffers<T>::carve(head, M, d.D, d.Dv, !spec.given(), spec.invert, own_z, spec.iterations);
+  p.per_item = head.bytes + backward_work_bytes<T>(M, d.D, d.Dv);
+  if (spec.given()) {
+    const size_t per_head = (spec.proxy_q.shape[0] == 1 ? bytes_of<T>(M * d.D) : 0) +
+                            (spec.proxy_k.shape[0] == 1 ? bytes_of<T>(M * d.D) : 0) + (shared ? bytes_of<T>(MM) : 0);
+    p.slots = per_head * static_cast<size_t>(d.group());
+  }
+  if (shared) {
+    p.shared = 2 * bytes_of<T>(d.H * MM);
+    p.prepass = z_scratch_bytes<T>(M, d.D) + bytes_of<T>(MM);
+    Carver fin;
+    HeadBuffers<T>::carve(fin, M, d.D, d.Dv, false, false, true, spec.iterations);
+    p.final_head = fin.bytes + 2 * bytes_of<T>(M * d.D) + backward_work_bytes<T>(M, d.D, d.Dv);
+    p.heads = d.H;
+  }
+  return p;
+}
+
+}  // namespace landmark
+
+/// Workspace bytes of landmark_backward.
+template <class T>
+size_t landmark_backward_workspace_bytes(const LandmarkSpec<T>& spec, const detail::Dims& d, int threads) {
+  return landmark::backward_plan(spec, d, threads).total();
+}
+
+/// The gradients of landmark_attention (arguments already checked by the operator).
+template <class T>
+void landmark_backward(const LandmarkSpec<T>& spec, const detail::Dims& d, Tensor<const T> q, Tensor<const T> k,
+                       Tensor<const T> v, Tensor<const T> out, Tensor<const T> dout, const Grads<T>& grads,
+                       const Masks& masks, const Exec<Cpu>& exec) {
+  using namespace landmark;
+  using detail::Arena;
+  const int threads = thread_count(exec);
+  const BackwardPlan pl = backward_plan(spec, d, threads);
+  detail::HostWorkspace ws(exec.workspace, exec.workspace_size, pl.total());
+  Arena arena = ws.arena();
+  const int64_t M = spec.M, MM = M * M, G = d.group();
+  const bool nystrom = !spec.given(), shared = spec.shared_z(), own_z = spec.invert && !shared;
+  const bool pq_shared = spec.given() && spec.proxy_q.shape[0] == 1, pk_shared = spec.given() && spec.proxy_k.shape[0] == 1;
+
+  // Proxy gradients of batch extent 1 are sums over the batch: start them at zero.
+  if (pq_shared)
+    for (int64_t h = 0; h < d.H; ++h) fill(head_rows(grads.dproxy_q, 0, h), T(0));
+  if (pk_shared)
+    for (int64_t h = 0; h < d.H; ++h) fill(head_rows(grads.dproxy_k, 0, h), T(0));
+
+  T* shared_z = nullptr;
+  T* dz_sum = nullptr;
+  if (shared) {  // as the forward: one Z per head, the dropout draw at batch index 0
+    shared_z = arena.take<T>(d.H * MM);
+    dz_sum = arena.take<T>(d.H * MM);
+    std::fill(dz_sum, dz_sum + d.H * MM, T(0));
+    Arena pre = arena;
+    parallel_for(threads, d.H, pre, pl.prepass, [&](int64_t h, Arena scratch) {
+      compute_z(head_rows(spec.proxy_q, 0, h), nullptr, head_rows(spec.proxy_k, 0, h), nullptr, spec.scale,
+                Dropout{spec.dropout_seed, 0, h, spec.column_dropout}, spec.iterations, shared_z + h * MM, scratch);
+    });
+  }
+
+  Arena chunk_arena = arena;
+  const size_t slot_elems = pl.slots / sizeof(T);  // slots are whole, aligned T blocks
+  T* slots = pl.slots > 0 ? chunk_arena.take<T>(slot_elems * pl.chunk) : nullptr;
+  const auto slot_parts = [&](int64_t i, int64_t g) {  // item i of the chunk, g-th head of its group
+    T* base = slots + i * slot_elems + g * (slot_elems / G);
+    struct {
+      T *dlq, *dlk, *dz;
+    } s{nullptr, nullptr, nullptr};
+    if (pq_shared) s.dlq = base, base += detail::bytes_of<T>(M * d.D) / sizeof(T);
+    if (pk_shared) s.dlk = base, base += detail::bytes_of<T>(M * d.D) / sizeof(T);
+    if (shared) s.dz = base;
+    return s;
+  };
+
+  for (int64_t first = 0; first < d.B * d.Hk; first += pl.chunk) {
+    const int64_t count = std::min(pl.chunk, d.B * d.Hk - first);
+    Arena items = chunk_arena;
+    parallel_for(threads, count, items, pl.per_item, [&](int64_t i, Arena item_scratch) {
+      const int64_t b = (first + i) / d.Hk, hk = (first + i) % d.Hk;
+      const auto K = head_rows(k, b, hk), V = head_rows(v, b, hk);
+      const auto dK = head_rows(grads.dk, b, hk), dV = head_rows(grads.dv, b, hk);
+      const uint8_t* key_valid = mask_row(masks.key_valid, masks.key_batch_stride, b);
+      const uint8_t* query_valid = mask_row(masks.query_valid, masks.query_batch_stride, b);
+      fill(dK, T(0));
+      fill(dV, T(0));
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hk * G + g;
+        Arena scratch = item_scratch;
+        Carver carver{&scratch};
+        const HeadBuffers<T> hb = HeadBuffers<T>::carve(carver, M, d.D, d.Dv, nystrom, spec.invert, own_z,
+                                                        spec.iterations);
+        const Arena work = scratch;
+
+        // Landmarks.
+        MatrixView<const T> lq, lk;
+        if (nystrom) {
+          segment_means(head_rows(q, b, h), query_valid, M, hb.lq, hb.lq_valid);
+          segment_means(K, key_valid, M, hb.lk, hb.lk_valid);
+          lq = dense<const T>(hb.lq, M, d.D);
+          lk = dense<const T>(hb.lk, M, d.D);
+        } else {
+          lq = head_rows(spec.proxy_q, pq_shared ? 0 : b, h);
+          lk = head_rows(spec.proxy_k, pk_shared ? 0 : b, h);
+        }
+
+        // The forward again: W3 = K3·V with its row statistics, Z (and its iterates), W = Z·W3.
+        HeadAttention<T> p3;
+        p3.q = lq;
+        p3.k = K;
+        p3.v = V;
+        p3.out = dense(hb.w3, M, d.Dv);
+        p3.key_valid = key_valid;
+        p3.query_valid = hb.lq_valid;
+        p3.scale = spec.scale;
+        p3.lse = hb.lse3;
+        attend_head(p3, work);
+        const T* z = shared ? shared_z + h * MM : hb.z;
+        int steps = 0;
+        if (own_z) {
+          kernel2(lq, hb.lq_valid, lk, hb.lk_valid, spec.scale, Dropout{}, hb.k2, work);
+          std::copy(hb.k2, hb.k2 + MM, hb.a);
+          const Dropout drop{spec.dropout_seed, b, h, spec.column_dropout};
+          apply_column_dropout(drop, hb.a, M, M);
+          steps = newton_schulz(hb.a, M, spec.iterations, hb.z, work, hb.iterates);
+        }
+        const T* w = hb.w3;
+        if (spec.invert) {
+          Map<T>(hb.w, M, d.Dv).noalias() = ConstMap<T>(z, M, M) * ConstMap<T>(hb.w3, M, d.Dv);
+          w = hb.w;
+        }
+
+        // out = K1·W: dQ (direct), dLk, dW.
+        HeadAttentionGrad<T> g1;
+        g1.fwd.q = head_rows(q, b, h);
+        g1.fwd.k = lk;
+        g1.fwd.v = dense<const T>(w, M, d.Dv);
+        g1.fwd.key_valid = hb.lk_valid;
+        g1.fwd.query_valid = query_valid;
+        g1.fwd.scale = spec.scale;
+        g1.out = head_rows(out, b, h);
+        g1.dout = head_rows(dout, b, h);
+        g1.dq = head_rows(grads.dq, b, h);
+        g1.dk = dense(hb.dlk, M, d.D);
+        g1.dv = dense(hb.dw, M, d.Dv);
+        fill(g1.dk, T(0));
+        fill(g1.dv, T(0));
+        backward_head(g1, work);
+
+        // W = Z·W3: dZ = dW·W3ᵀ, dW3 = Zᵀ·dW.
+        const T* dw3 = hb.dw;
+        if (spec.invert) {
+          Map<T>(hb.dz, M, M).noalias() = ConstMap<T>(hb.dw, M, d.Dv) * ConstMap<T>(hb.w3, M, d.Dv).transpose();
+          Map<T>(hb.dw3, M, d.Dv).noalias() = ConstMap<T>(z, M, M).transpose() * ConstMap<T>(hb.dw, M, d.Dv);
+          dw3 = hb.dw3;
+        }
+
+        // W3 = K3·V: dLq, and this head's share of dK, dV.
+        HeadAttentionGrad<T> g3;
+        g3.fwd = p3;
+        g3.out = dense<const T>(hb.w3, M, d.Dv);
+        g3.dout = dense<const T>(dw3, M, d.Dv);
+        g3.lse = hb.lse3;
+        g3.dq = dense(hb.dlq, M, d.D);
+        g3.dk = dK;
+        g3.dv = dV;
+        backward_head(g3, work);
+
+        // Z through Newton–Schulz, the dropout factors and K2's softmax: more dLq, dLk.
+        if (own_z) {
+          newton_schulz_backward(hb.a, M, steps, hb.iterates, hb.dz, hb.da, work);
+          apply_column_dropout(Dropout{spec.dropout_seed, b, h, spec.column_dropout}, hb.da, M, M);
+          kernel2_backward(hb.k2, hb.da, lq, lk, spec.scale, hb.dlq, hb.dlk, work);
+        }
+
+        // Into the gradients.
+        if (nystrom) {
+          spread_segments(hb.dlq, M, query_valid, head_rows(grads.dq, b, h));
+          spread_segments(hb.dlk, M, key_valid, dK);
+        } else {
+          const auto sl = slot_parts(i, g);
+          if (pq_shared) std::copy(hb.dlq, hb.dlq + M * d.D, sl.dlq);
+          else add_to(head_rows(grads.dproxy_q, b, h), hb.dlq, true);
+          if (pk_shared) std::copy(hb.dlk, hb.dlk + M * d.D, sl.dlk);
+          else add_to(head_rows(grads.dproxy_k, b, h), hb.dlk, true);
+          if (shared) std::copy(hb.dz, hb.dz + MM, sl.dz);
+        }
+      }
+    });
+    // Sums over the batch, in item order.
+    for (int64_t i = 0; i < count && slots != nullptr; ++i)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = ((first + i) % d.Hk) * G + g;
+        const auto sl = slot_parts(i, g);
+        if (pq_shared) add_to(head_rows(grads.dproxy_q, 0, h), sl.dlq, false);
+        if (pk_shared) add_to(head_rows(grads.dproxy_k, 0, h), sl.dlk, false);
+        if (shared) Map<T>(dz_sum + h * MM, M, M) += ConstMap<T>(sl.dz, M, M);
+      }
+  }
+
+  if (!shared) return;
+  // Shared proxies: each head's one Z, differentiated with dZ summed over the batch.
+  Arena fin = arena;
+  parallel_for(threads, d.H, fin, pl.final_head, [&](int64_t h, Arena scratch) {
+    Carver carver{&scratch};
+    const HeadBuffers<T> hb = HeadBuffers<T>::carve(carver, M, d.D, d.Dv, false, false, true, spec.iterations);
+    T* dlq = scratch.take<T>(M * d.D);
+    T* dlk = scratch.take<T>(M * d.D);
+    std::fill(dlq, dlq + M * d.D, T(0));
+    std::fill(dlk, dlk + M * d.D, T(0));
+    const auto lq = head_rows(spec.proxy_q, 0, h), lk = head_rows(spec.proxy_k, 0, h);
+    const Dropout drop{spec.dropout_seed, 0, h, spec.column_dropout};
+    kernel2(lq, nullptr, lk, nullptr, spec.scale, Dropout{}, hb.k2, scratch);
+    std::copy(hb.k2, hb.k2 + MM, hb.a);
+    apply_column_dropout(drop, hb.a, M, M);
+    const int steps = newton_schulz(hb.a, M, spec.iterations, hb.z, scratch, hb.iterates);
+    newton_schulz_backward(hb.a, M, steps, hb.iterates, dz_sum + h * MM, hb.da, scratch);
+    apply_column_dropout(drop, hb.da, M, M);
+    kernel2_backward(hb.k2, hb.da, lq, lk, spec.scale, dlq, dlk, scratch);
+    add_to(head_rows(grads.dproxy_q, 0, h), dlq, false);
+    add_to(head_rows(grads.dproxy_k, 0, h), dlk, false);
+  });
 }
 
 }  // namespace cpu

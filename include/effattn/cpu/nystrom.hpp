@@ -43,6 +43,32 @@ struct Operator<Cpu, Nystrom> {
     if (exact(m, d.Nq, d.Nk)) return Operator<Cpu, Softmax>::run<T>(Softmax{m.scale, false}, q, k, v, out, masks, exec);
     cpu::landmark_attention(spec<T>(m, scale), d, q, k, v, out, masks, exec);
   }
+
+  static constexpr bool kHasBackward = true;
+
+  template <class T>
+  static size_t backward_workspace_bytes(const Nystrom& m, Tensor<const T> q, Tensor<const T> k, Tensor<const T> v,
+                                         const Exec<Cpu>& exec) {
+    cpu::require_cpu_type<T>();
+    detail::check_nystrom("effattn::backward_workspace_bytes<Cpu>(Nystrom)", m);
+    if (exact(m, q.shape[2], k.shape[2]))
+      return Operator<Cpu, Softmax>::backward_workspace_bytes<T>(Softmax{m.scale, false}, q, k, v, exec);
+    return cpu::landmark_backward_workspace_bytes(spec<T>(m, T(1)), detail::dims_of(q, k, v), cpu::thread_count(exec));
+  }
+
+  template <class T>
+  static void backward(const Nystrom& m, Tensor<const T> q, Tensor<const T> k, Tensor<const T> v, Tensor<const T> out,
+                       Tensor<const T> dout, const Grads<T>& grads, const Masks& masks, const Exec<Cpu>& exec) {
+    cpu::require_cpu_type<T>();
+    constexpr const char* where = "effattn::attention_backward<Cpu>(Nystrom)";
+    detail::check_nystrom(where, m);
+    detail::require_no_proxy_grads(where, grads);
+    const detail::Dims d = detail::check_backward(where, q, k, v, out, dout, grads, masks);
+    const T scale = static_cast<T>(detail::resolve_scale(where, m.scale, d.D));
+    if (exact(m, d.Nq, d.Nk))
+      return Operator<Cpu, Softmax>::backward<T>(Softmax{m.scale, false}, q, k, v, out, dout, grads, masks, exec);
+    cpu::landmark_backward(spec<T>(m, scale), d, q, k, v, out, dout, grads, masks, exec);
+  }
 };
 
 }  // namespace effattn

@@ -44,6 +44,41 @@ struct Operator<Cpu, Proxy<T>> {
                     ": out overlaps proxy_q or proxy_k in memory");
     cpu::landmark_attention(spec(m, scale), d, q, k, v, out, masks, exec);
   }
+
+  static constexpr bool kHasBackward = true;
+
+  template <class U>
+  static size_t backward_workspace_bytes(const Proxy<T>& m, Tensor<const U> q, Tensor<const U> k, Tensor<const U> v,
+                                         const Exec<Cpu>& exec) {
+    static_assert(std::is_same_v<T, U>, "effattn: Proxy<T> needs q, k and v of element type T");
+    cpu::require_cpu_type<T>();
+    detail::check_proxy("effattn::backward_workspace_bytes<Cpu>(Proxy)", m, q);
+    return cpu::landmark_backward_workspace_bytes(spec(m, T(1)), detail::dims_of(q, k, v), cpu::thread_count(exec));
+  }
+
+  /// Also writes grads.dproxy_q and grads.dproxy_k (required; shaped like the proxies; batch
+  /// extent 1: summed over the batch).
+  template <class U>
+  static void backward(const Proxy<T>& m, Tensor<const U> q, Tensor<const U> k, Tensor<const U> v, Tensor<const U> out,
+                       Tensor<const U> dout, const Grads<U>& grads, const Masks& masks, const Exec<Cpu>& exec) {
+    static_assert(std::is_same_v<T, U>, "effattn: Proxy<T> needs q, k, v and the gradients of element type T");
+    cpu::require_cpu_type<T>();
+    constexpr const char* where = "effattn::attention_backward<Cpu>(Proxy)";
+    detail::check_proxy(where, m, q);
+    const detail::Dims d = detail::check_backward(where, q, k, v, out, dout, grads, masks,
+                                                  {detail::named("proxy_q", m.proxy_q), detail::named("proxy_k", m.proxy_k)});
+    const Tensor<T>* proxy_grads[2] = {&grads.dproxy_q, &grads.dproxy_k};
+    const Tensor<const T>* proxies[2] = {&m.proxy_q, &m.proxy_k};
+    const char* names[2] = {"grads.dproxy_q", "grads.dproxy_k"};
+    for (int i = 0; i < 2; ++i) {
+      detail::require(proxy_grads[i]->data != nullptr, where, ": ", names[i],
+                      " is empty; Proxy writes the proxy gradients there (shape ", detail::shape_str(*proxies[i]), ")");
+      detail::check_shape(where, names[i], *proxy_grads[i], proxies[i]->shape, i == 0 ? "proxy_q's shape" : "proxy_k's shape");
+      detail::check_writable(where, *proxy_grads[i], names[i]);
+    }
+    const T scale = static_cast<T>(detail::resolve_scale(where, m.scale, d.D));
+    cpu::landmark_backward(spec(m, scale), d, q, k, v, out, dout, grads, masks, exec);
+  }
 };
 
 }  // namespace effattn
