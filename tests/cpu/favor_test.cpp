@@ -11,27 +11,6 @@ namespace {
 using namespace testing_util;
 using namespace favor_cases;
 
-struct Case {
-  int64_t B, H, Hk, Nq, Nk, D, Dv;
-  int64_t M;
-  FeatureMap map;
-  bool causal;
-  bool masks;
-  Layout layout = Layout::bhsd;
-  bool shared_projection = false;  // projection heads 1 instead of H
-  double scale = 0, eps = 0;
-  double input_std = 0;  // favor_cases::input_std
-};
-
-std::string describe(const Case& c) {
-  return "B=" + std::to_string(c.B) + " H=" + std::to_string(c.H) + " Hk=" + std::to_string(c.Hk) +
-         " Nq=" + std::to_string(c.Nq) + " Nk=" + std::to_string(c.Nk) + " D=" + std::to_string(c.D) +
-         " Dv=" + std::to_string(c.Dv) + " M=" + std::to_string(c.M) + " " + map_name(c.map) +
-         (c.causal ? " causal" : "") + (c.masks ? " masks" : "") + " " + layout_name(c.layout) +
-         (c.shared_projection ? " shared-projection" : "") + " eps=" + std::to_string(c.eps) +
-         " std=" + std::to_string(c.input_std);
-}
-
 /// Everything the reference needs, as views.
 template <class T>
 struct Inputs {
@@ -47,37 +26,9 @@ struct Inputs {
 };
 
 template <class T>
-struct Problem {
-  Case c;
-  HostTensor<T> q, k, v, out;
-  Projection proj;
-  std::vector<uint8_t> qm, km;
-  effattn::Masks masks;
-  explicit Problem(const Case& cs)
-      : c(cs),
-        q(c.B, c.H, c.Nq, c.D, c.layout),
-        k(c.B, c.Hk, c.Nk, c.D, c.layout),
-        v(c.B, c.Hk, c.Nk, c.Dv, c.layout),
-        out(c.B, c.H, c.Nq, c.Dv, c.layout),
-        proj(c.shared_projection ? 1 : c.H, c.M, c.D, rng()()) {
-    const double stddev = input_std(c.map, c.D, c.input_std);
-    q.fill_normal(stddev);
-    k.fill_normal(stddev);
-    v.fill_normal();
-    out.poison();
-    if (c.masks) {
-      // The last batch has no valid key; random queries are dropped everywhere.
-      km = random_mask(c.B, c.Nk, 0.7, c.B > 1 ? c.B - 1 : -1);
-      qm = random_mask(c.B, c.Nq, 0.8);
-      masks = {qm.data(), c.Nq, km.data(), c.Nk};
-    }
-  }
-  effattn::Favor method() const { return effattn::Favor{proj.view, c.map, c.causal, c.scale, c.eps}; }
-  void run(int threads = 0) {
-    effattn::attention<effattn::Cpu>(method(), q.cview(), k.cview(), v.cview(), out.view, masks,
-                                     effattn::Exec<effattn::Cpu>{threads});
-  }
-  Inputs<T> inputs() const { return {q.cview(), k.cview(), v.cview(), masks, proj.view, c}; }
+struct Problem : FavorData<T> {
+  using FavorData<T>::FavorData;
+  Inputs<T> inputs() const { return {this->q.cview(), this->k.cview(), this->v.cview(), this->masks, this->proj.view, this->c}; }
 };
 
 template <class T>
@@ -87,7 +38,7 @@ void run_case(const Case& c, int threads = 0) {
   Problem<T> p(c);
   const T sentinel = T(12345);
   mark_outside(p.out, sentinel);
-  p.run(threads);
+  p.forward(threads);
   const Inputs<T> in = p.inputs();
   double condition = 0;
   const ref::Result r = in.accurate(&condition);
@@ -185,7 +136,7 @@ TEST(FavorCpu, TrigAtLargerInputs) {
       run_case<float>({2, 2, 2, 300, 300, 64, 64, 64, FeatureMap::trig, causal, true, Layout::bhsd, false, 0, 0, stddev});
   for (bool causal : {false, true}) {
     Problem<float> p({2, 2, 2, 300, 300, 64, 64, 64, FeatureMap::trig, causal, true, Layout::bhsd, false, 0, 0, 30.0});
-    p.run();
+    p.forward();
     for (float x : p.out.storage) ASSERT_TRUE(std::isfinite(x));
   }
 }
@@ -206,7 +157,7 @@ TYPED_TEST(FavorCpu, MaskedKeysEqualRemovedKeys) {
       for (int64_t j = 0; j < N; ++j)
         if (!p.km[j])
           for (int64_t c = 0; c < D; ++c) p.k.view(0, h, j, c) = TypeParam(3) * TypeParam(p.proj.w[(h * M + j % M) * D + c]);
-    p.run();
+    p.forward();
     int64_t kept = 0;
     for (uint8_t m : p.km) kept += m;
     HostTensor<TypeParam> k2(1, 2, kept, D), v2(1, 2, kept, D), out2(1, 2, N, D);

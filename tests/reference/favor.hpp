@@ -176,6 +176,35 @@ Result favor(const Tensor<const T>& q, const Tensor<const T>& k, const Tensor<co
   return out;
 }
 
+/// Every u = x' Wᵀ of the valid rows of q and of k (under each query head's W), where relu has
+/// its kink: the forward's discrete choices, which finite differences must not straddle. The
+/// other maps have none that matter (their maxima are held, FavorStabilizers).
+template <class T>
+std::vector<double> favor_relu_inputs(const Tensor<const T>& q, const Tensor<const T>& k, const Masks& masks,
+                                      const Tensor<const float>& projection, double scale) {
+  std::vector<double> us;
+  const int64_t B = q.shape[0], H = q.shape[1], Hk = k.shape[1];
+  const double root_s = std::sqrt(default_scale(scale, q.shape[3]));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const MatR<double> W = head_r<double>(projection, 0, projection.shape[1] == 1 ? 0 : h);
+      for (const bool keys : {false, true}) {
+        const MatR<double> X = keys ? head_r<double>(k, b, h / (H / Hk), root_s) : head_r<double>(q, b, h, root_s);
+        for (int64_t i = 0; i < X.rows; ++i) {
+          if (!(keys ? valid(masks.key_valid, masks.key_batch_stride, b, i)
+                     : valid(masks.query_valid, masks.query_batch_stride, b, i)))
+            continue;
+          for (int64_t f = 0; f < W.rows; ++f) {
+            double u = 0;
+            for (int64_t c = 0; c < X.cols; ++c) u += X(i, c) * W(f, c);
+            us.push_back(u);
+          }
+        }
+      }
+    }
+  return us;
+}
+
 /// Gradients of FAVOR attention (DESIGN.md, "Backward"), with the stabilizers as constants. Over
 /// the live rows (valid, den_i != 0): g_i = dO_i / den_i, t_i = dO_i · out_i / den_i,
 /// dphi(q_i) = S_i g_i − z_i t_i with S_i, z_i over the keys row i sees; per valid key j, with the

@@ -701,8 +701,7 @@ struct Operator<Cpu, Favor> {
   static size_t workspace_bytes(const Favor& m, Tensor<const T> q, Tensor<const T>, Tensor<const T> v,
                                 const Exec<Cpu>& exec) {
     cpu::require_cpu_type<T>();
-    const size_t per_thread = cpu::favor::Scratch<T>::bytes(sizes(m, q.shape[3], v.shape[3], false));
-    return cpu::parallel_bytes(cpu::thread_count(exec), q.shape[0] * q.shape[1], per_thread);
+    return workspace<T>(sizes(m, q.shape[3], v.shape[3], false), exec, q.shape[0] * q.shape[1]);
   }
 
   template <class T>
@@ -716,16 +715,10 @@ struct Operator<Cpu, Favor> {
     detail::require(!detail::overlaps(proj, out), where, ": out overlaps projection in memory");
 
     const cpu::favor::Sizes s = sizes(m, d.D, d.Dv, false);
-    const int threads = cpu::thread_count(exec);
-    const int64_t items = d.B * d.H;
-    const size_t per_thread = cpu::favor::Scratch<T>::bytes(s);
-    detail::HostWorkspace ws(exec.workspace, exec.workspace_size, cpu::parallel_bytes(threads, items, per_thread));
-    detail::Arena arena = ws.arena();
-    cpu::parallel_for(threads, items, arena, per_thread, [&](int64_t item, detail::Arena scratch) {
+    parallel<T>(s, exec, d.B * d.H, [&](int64_t item, const cpu::favor::Scratch<T>& sc) {
       const int64_t b = item / d.H, h = item % d.H;
       cpu::favor::Head<T> p = head(base, q, k, v, masks, d, b, h);
       p.out = cpu::head_rows(out, b, h);
-      const auto sc = cpu::favor::Scratch<T>::carve(s, [&](int64_t count) { return scratch.take<T>(count); });
       cpu::favor::Runner<T> runner(p, s, sc);
       runner.load_projection(proj, proj.shape[1] == 1 ? 0 : h);
       runner.run();
@@ -740,8 +733,7 @@ struct Operator<Cpu, Favor> {
   static size_t backward_workspace_bytes(const Favor& m, Tensor<const T> q, Tensor<const T> k, Tensor<const T> v,
                                          const Exec<Cpu>& exec) {
     cpu::require_cpu_type<T>();
-    const size_t per_thread = cpu::favor::Scratch<T>::bytes(sizes(m, q.shape[3], v.shape[3], true));
-    return cpu::parallel_bytes(cpu::thread_count(exec), q.shape[0] * k.shape[1], per_thread);
+    return workspace<T>(sizes(m, q.shape[3], v.shape[3], true), exec, q.shape[0] * k.shape[1]);
   }
 
   template <class T>
@@ -756,19 +748,13 @@ struct Operator<Cpu, Favor> {
     const cpu::favor::Head<T> base = parameters<T>(where, m, d);
 
     const cpu::favor::Sizes s = sizes(m, d.D, d.Dv, true);
-    const int threads = cpu::thread_count(exec);
-    const int64_t items = d.B * d.Hk;
-    const size_t per_thread = cpu::favor::Scratch<T>::bytes(s);
-    detail::HostWorkspace ws(exec.workspace, exec.workspace_size, cpu::parallel_bytes(threads, items, per_thread));
-    detail::Arena arena = ws.arena();
-    cpu::parallel_for(threads, items, arena, per_thread, [&](int64_t item, detail::Arena scratch) {
+    parallel<T>(s, exec, d.B * d.Hk, [&](int64_t item, const cpu::favor::Scratch<T>& sc) {
       const int64_t b = item / d.Hk, hk = item % d.Hk;
       cpu::favor::HeadGrad<T> g;
       g.dk = cpu::head_rows(grads.dk, b, hk);
       g.dv = cpu::head_rows(grads.dv, b, hk);
       cpu::fill(g.dk, T(0));
       cpu::fill(g.dv, T(0));
-      const auto sc = cpu::favor::Scratch<T>::carve(s, [&](int64_t count) { return scratch.take<T>(count); });
       for (int64_t h = hk * d.group(); h < (hk + 1) * d.group(); ++h) {
         const cpu::favor::Head<T> p = head(base, q, k, v, masks, d, b, h);
         g.out = cpu::head_rows(out, b, h);
@@ -782,6 +768,24 @@ struct Operator<Cpu, Favor> {
   }
 
  private:
+  /// Workspace bytes for `items` work items, each thread with one Scratch.
+  template <class T>
+  static size_t workspace(const cpu::favor::Sizes& s, const Exec<Cpu>& exec, int64_t items) {
+    return cpu::parallel_bytes(cpu::thread_count(exec), items, cpu::favor::Scratch<T>::bytes(s));
+  }
+
+  /// body(item, scratch) for every work item, on exec's threads, in exec's workspace or an owned one.
+  template <class T, class Body>
+  static void parallel(const cpu::favor::Sizes& s, const Exec<Cpu>& exec, int64_t items, Body body) {
+    const int threads = cpu::thread_count(exec);
+    const size_t per_thread = cpu::favor::Scratch<T>::bytes(s);
+    detail::HostWorkspace ws(exec.workspace, exec.workspace_size, cpu::parallel_bytes(threads, items, per_thread));
+    detail::Arena arena = ws.arena();
+    cpu::parallel_for(threads, items, arena, per_thread, [&](int64_t item, detail::Arena scratch) {
+      body(item, cpu::favor::Scratch<T>::carve(s, [&](int64_t count) { return scratch.take<T>(count); }));
+    });
+  }
+
   /// The call's checked parameters (scale, eps) in a Head without views.
   template <class T>
   static cpu::favor::Head<T> parameters(const char* where, const Favor& m, const detail::Dims& d) {
