@@ -13,10 +13,11 @@
 // phî = phi / factor with factors that keep every feature in [0, 2] and the largest of each query
 // row and of each (b, h)'s keys >= 1, so that nothing overflows and den_i >= min(1, eps) per
 // visible key cannot underflow:
-//   positive: exp(u - |x'|²/2 - max) + eps, divided by its largest value exp(top) + eps, in the
-//     log domain: phî = exp(u - |x'|²/2 - max - top - max(0, λ)) + exp(min(0, λ)), λ = log eps - top
-//     (queries: top = -|q'|²/2; keys: top = max_j (max_f u_jf - |k'_j|²/2) - c). eps = 1e-30 with
-//     |x| ~ 10 (every exp part underflows) gives 1 + tiny, not 0; eps = 1e38 gives 1 + tiny, not inf.
+//   positive: exp(u - |x'|²/2 - max) + eps, divided by the larger of eps and its largest exp term
+//     exp(top), in the log domain: phî = exp(u - |x'|²/2 - max - top - max(0, λ)) + exp(min(0, λ)),
+//     λ = log eps - top (queries: top = -|q'|²/2; keys: top = max_j (max_f u_jf - |k'_j|²/2) - c).
+//     eps = 1e-30 with |x| ~ 10 (every exp part underflows) gives 1 + tiny, not 0; eps = 1e38
+//     gives 1 + tiny, not inf. An exp term below T's normal range is 0.
 //   relu: (relu(u) + eps) / max(relu(max_f u), eps) per query row, / max(1, eps) for keys.
 //   trig: keys exp(|k'|²/2 - c) [cos u, sin u] (<= 1 already); queries use c = |q'|²/2 (amplitude 1).
 //   DESIGN.md's M^-1/2 is one more common factor and is left out.
@@ -35,7 +36,9 @@
 // stabilizers, and exact for the factors, because out_i is invariant under scaling phi(q_i) (or all
 // phi(k_j)) by a positive a, so d out / d a = 0. Equivalently dphi(q_i) ⟂ phi(q_i):
 // dphi(q_i) · phi(q_i) = (num_i · dO_i - den_i (dO_i · out_i)) / den_i = 0. That is also why the
-// dropped M^-1/2 and trig's per-row query c leave the gradient unchanged.
+// dropped M^-1/2 and trig's per-row query c leave the gradient unchanged. One work item per
+// (batch, key head) sums dk, dv over its group. Bidirectional: S, z; then query tiles give dq and
+// dS, dz; then key tiles give dk, dv. Causal: two passes, see backward_causal.
 #pragma once
 #include <Eigen/Core>
 #include <algorithm>
@@ -172,10 +175,10 @@ struct Chunk {
   int64_t first_row(int64_t c) const { return std::clamp<int64_t>(c + p0 - i0 - offset, 0, n); }
 };
 
-/// Sums of T values that can be taken out again exactly enough to rebuild prefix sums backwards
-/// (the causal backward's reverse pass): double hi + lo by TwoSum, so that subtracting the same
-/// terms leaves an error ~1e-32 of the total, and a count of the non-finite terms, which cannot be
-/// subtracted: a sum is NaN while one is in it.
+/// Sums of T values from which the same terms can be taken out again, to rebuild prefix sums
+/// backwards (the causal backward's reverse pass) without cancellation: double hi + lo by TwoSum
+/// (what remains is off by ~1e-32 of the total per term), and a count of the non-finite terms,
+/// which cannot be subtracted: a sum is NaN while one is in it.
 struct CompensatedSum {
   double* hi;
   double* lo;
@@ -223,7 +226,7 @@ class Runner {
   void run() {
     key_scale();
     if (p_.causal)
-      causal_sweep(true, [&](const Chunk& ch, const RowMap* fk, const ConstRowMap* vk) {
+      causal_sweep([&](const Chunk& ch, const RowMap* fk, const ConstRowMap* vk) {
         RowMap fq = features(false, ch.i0, ch.n, sc_.qfeat);
         RowMap num = rows(sc_.num, ch.n, s_.Dv);
         num.noalias() = fq * S();
@@ -287,7 +290,7 @@ class Runner {
       return;
     }
     constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-    T c = kNegInf, top = kNegInf;
+    T c = kNegInf, peak = kNegInf;  // peak = max_j (max_f u_jf - |k'_j|²/2) = top + c
     const int64_t nk = p_.k.rows;
     for (int64_t j0 = 0; j0 < nk; j0 += kTile) {
       const int64_t n = std::min(kTile, nk - j0);
@@ -298,7 +301,7 @@ class Runner {
           if (!key_ok(j0 + r)) continue;
           const T mx = f.row(r).head(s_.M).maxCoeff(), a = mx - sc_.sq[r];
           if (std::isfinite(mx)) c = std::max(c, mx);
-          if (std::isfinite(a)) top = std::max(top, a);
+          if (std::isfinite(a)) peak = std::max(peak, a);
         }
       } else {
         const auto xr = detail_tiles::rows_of(p_.k, j0, n, sc_.x);
@@ -311,9 +314,9 @@ class Runner {
     if (!std::isfinite(c)) return;  // no valid finite key: nothing will use the constants
     if (p_.map == FeatureMap::trig) {
       ks_.shift = c;
-    } else if (std::isfinite(top)) {  // else every key's exp part is 0 (|k'|² overflows): phî = 1
-      const T lambda = p_.log_eps - (top - c);
-      ks_.shift = top + std::max(T(0), lambda);
+    } else if (std::isfinite(peak)) {  // else every key's exp part is 0 (|k'|² overflows): phî = 1
+      const T lambda = p_.log_eps - (peak - c);
+      ks_.shift = peak + std::max(T(0), lambda);
       ks_.floor = std::exp(std::min(T(0), lambda));
     }
   }
@@ -406,13 +409,13 @@ class Runner {
     return dx;
   }
 
-  /// S += phî(K)ᵀ V, z += phî(K)ᵀ 1 (z alone without `with_values`) over keys [j0, j1), a tile at a time.
-  void accumulate(int64_t j0, int64_t j1, bool with_values = true) {
+  /// S += phî(K)ᵀ V, z += phî(K)ᵀ 1 over keys [j0, j1), a tile at a time.
+  void accumulate(int64_t j0, int64_t j1) {
     for (int64_t t0 = j0; t0 < j1; t0 += kTile) {
       const int64_t n = std::min(kTile, j1 - t0);
       if (mark_keys(t0, n) == 0) continue;
       const RowMap f = features(true, t0, n, sc_.feat);
-      if (with_values) S().noalias() += f.transpose() * values(t0, n);
+      S().noalias() += f.transpose() * values(t0, n);
       z() += f.colwise().sum().transpose().array();
     }
   }
@@ -492,26 +495,26 @@ class Runner {
     return true;
   }
 
-  /// The causal sweep in query order: body(chunk, fk, vk) runs with S, z (z alone without
-  /// `with_values`) over the keys every row of the chunk sees, and the features fk (values vk) of
-  /// the chunk's own keys, null when it has no valid one; then those keys join the state (and
-  /// `total`, when given: the keys before the first chunk as one term, then each chunk's rows).
+  /// The causal sweep in query order: body(chunk, fk, vk) runs with S, z over the keys every row
+  /// of the chunk sees, and the features fk (values vk) of the chunk's own keys, null when it has
+  /// no valid one; then those keys join the state (and `total`, when given: the keys before the
+  /// first chunk as one term, then each chunk's rows).
   template <class Body>
-  void causal_sweep(bool with_values, Body body, CompensatedSum* total = nullptr) {
+  void causal_sweep(Body body, CompensatedSum* total = nullptr) {
     S().setZero();
     z().setZero();
     int64_t in_state = 0;  // keys [0, in_state) are summed into S, z
     for (int64_t i0 = 0; i0 < p_.q.rows; i0 += chunk_len()) {
       const Chunk ch = chunk(i0);
-      accumulate(in_state, ch.p0, with_values);
+      accumulate(in_state, ch.p0);
       if (total != nullptr && i0 == 0) total->add(z(), 1);
       in_state = std::max(in_state, ch.p0 + ch.m);
       const bool own = ch.m > 0 && mark_keys(ch.p0, ch.m) > 0;
       const RowMap fk = features(true, ch.p0, own ? ch.m : 0, sc_.feat);
-      const ConstRowMap vk = with_values && own ? values(ch.p0, ch.m) : ConstRowMap(sc_.v, 0, s_.Dv, Eigen::OuterStride<>(s_.Dv));
+      const ConstRowMap vk = own ? values(ch.p0, ch.m) : ConstRowMap(sc_.v, 0, s_.Dv, Eigen::OuterStride<>(s_.Dv));
       body(ch, own ? &fk : nullptr, own ? &vk : nullptr);
       if (!own) continue;
-      if (with_values) S().noalias() += fk.transpose() * vk;
+      S().noalias() += fk.transpose() * vk;
       z() += fk.colwise().sum().transpose().array();
       if (total != nullptr)
         for (int64_t r = 0; r < ch.m; ++r) total->add(fk.row(r).transpose(), 1);
@@ -520,8 +523,8 @@ class Runner {
 
   /// den of the chunk's rows from the state z plus the chunk's own keys each row sees, by prefix
   /// sums of their features (den alone needs no [n, m] product).
-  void prefix_den(const Chunk& ch, const RowMap& fq, const RowMap* fk, T* den_out) {
-    Column den(den_out, ch.n);
+  void prefix_den(const Chunk& ch, const RowMap& fq, const RowMap* fk) {
+    Column den(sc_.den, ch.n);
     den.matrix().noalias() = fq * z().matrix();
     if (fk == nullptr) return;
     RowMap cum = rows(sc_.cum, ch.m, s_.Mf);  // row c: the features of keys [0, c]
@@ -533,13 +536,13 @@ class Runner {
 
   // ---- backward ----
 
-  /// g = dO_i / den_i and t_i = dO_i · out_i / den_i for query rows [i0, i0 + n) into sc_.g, sc_.t,
-  /// with den[r] replaced by 1/den. Rows the forward zeroes get g = t = 0 and zero features: they
-  /// contribute nothing, even when their inputs are NaN.
-  void upstream(const HeadGrad<T>& hg, int64_t i0, int64_t n, RowMap& fq, T* den) {
+  /// g = dO_i / den_i and t_i = dO_i · out_i / den_i for query rows [i0, i0 + n), den in sc_.den
+  /// (replaced by 1/den). Rows the forward zeroes get g = t = 0 and zero features: they contribute
+  /// nothing, even when their inputs are NaN.
+  void upstream(const HeadGrad<T>& hg, int64_t i0, int64_t n, RowMap& fq) {
     RowMap g = rows(sc_.g, n, s_.Dv);
     for (int64_t r = 0; r < n; ++r) {
-      const T inv = den[r] = inverse(i0 + r, den[r]);
+      const T inv = sc_.den[r] = inverse(i0 + r, sc_.den[r]);
       T dot = 0;
       for (int64_t c = 0; c < s_.Dv; ++c) {
         const T d = hg.dout(i0 + r, c);
@@ -555,12 +558,11 @@ class Runner {
     }
   }
 
-  /// dq rows [i0, i0 + n) from d phî(q) in df (features fq, fq_de), zero for dead rows (inv 0).
-  void write_dq(const HeadGrad<T>& hg, int64_t i0, int64_t n, const RowMap& fq, const T* fq_de, RowMap& df,
-                const T* inv) {
+  /// dq rows [i0, i0 + n) from d phî(q) in df (features fq, fq_de), zero for dead rows.
+  void write_dq(const HeadGrad<T>& hg, int64_t i0, int64_t n, const RowMap& fq, const T* fq_de, RowMap& df) {
     const RowMap dx = chain(false, i0, n, fq, fq_de, df);
     for (int64_t r = 0; r < n; ++r)
-      for (int64_t c = 0; c < s_.D; ++c) hg.dq(i0 + r, c) = inv[r] == T(0) ? T(0) : dx(r, c);
+      for (int64_t c = 0; c < s_.D; ++c) hg.dq(i0 + r, c) = sc_.den[r] == T(0) ? T(0) : dx(r, c);
   }
 
   /// dk, dv of keys [j0, j0 + n), whose features fk (d phî / d u in sc_.e) are given, from the
@@ -602,7 +604,7 @@ class Runner {
       const int64_t n = std::min(kTile, p_.q.rows - i0);
       RowMap fq = features(false, i0, n, sc_.feat, sc_.e);
       Column(sc_.den, n).matrix().noalias() = fq * z().matrix();
-      upstream(hg, i0, n, fq, sc_.den);
+      upstream(hg, i0, n, fq);
       const RowMap g = rows(sc_.g, n, s_.Dv);
       const Column t(sc_.t, n);
       RowMap df = rows(sc_.dfeat, n, s_.Mf);
@@ -610,7 +612,7 @@ class Runner {
       df.noalias() -= t.matrix() * z().matrix().transpose();
       dS().noalias() += fq.transpose() * g;
       dz().matrix().noalias() -= fq.transpose() * t.matrix();
-      write_dq(hg, i0, n, fq, sc_.e, df, sc_.den);
+      write_dq(hg, i0, n, fq, sc_.e, df);
     }
     key_grads(hg, 0, p_.k.rows);
   }
@@ -623,11 +625,10 @@ class Runner {
   void backward_causal(const HeadGrad<T>& hg) {
     CompensatedSum total(sc_.ztotal, s_.Mf);
     causal_sweep(
-        true,
         [&](const Chunk& ch, const RowMap* fk, const ConstRowMap* vk) {
           RowMap fq = features(false, ch.i0, ch.n, sc_.qfeat, sc_.qe);
-          prefix_den(ch, fq, fk, sc_.den);
-          upstream(hg, ch.i0, ch.n, fq, sc_.den);
+          prefix_den(ch, fq, fk);
+          upstream(hg, ch.i0, ch.n, fq);
           const RowMap g = rows(sc_.g, ch.n, s_.Dv);
           const Column t(sc_.t, ch.n);
           RowMap df = rows(sc_.dfeat, ch.n, s_.Mf);
@@ -640,7 +641,7 @@ class Runner {
             hide(a2, ch);
             add_visible(df, a2, *fk, [&](int64_t r) { return std::pair<int64_t, int64_t>(0, ch.seen(r)); });
           }
-          write_dq(hg, ch.i0, ch.n, fq, sc_.qe, df, sc_.den);
+          write_dq(hg, ch.i0, ch.n, fq, sc_.qe, df);
         },
         &total);
 
@@ -654,7 +655,7 @@ class Runner {
       for (int64_t f = 0; f < s_.Mf; ++f) sc_.z[f] = total.value<T>(f);  // the keys all rows see
       RowMap fq = features(false, i0, ch.n, sc_.qfeat);
       chunk_den(ch, fq, own ? &fk : nullptr);  // leaves phî(Q_c) phî(K_c)ᵀ in scores
-      upstream(hg, i0, ch.n, fq, sc_.den);
+      upstream(hg, i0, ch.n, fq);
       const RowMap g = rows(sc_.g, ch.n, s_.Dv);
       const Column t(sc_.t, ch.n);
       if (own)
