@@ -5,6 +5,7 @@
 #include <effattn/effattn.hpp>
 
 #include <cmath>
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -58,13 +59,19 @@ struct Case {
   double input_std = 0;  // see input_std()
 };
 
+inline std::string short_number(double x) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", x);
+  return buf;
+}
+
 inline std::string describe(const Case& c) {
   return "B=" + std::to_string(c.B) + " H=" + std::to_string(c.H) + " Hk=" + std::to_string(c.Hk) +
          " Nq=" + std::to_string(c.Nq) + " Nk=" + std::to_string(c.Nk) + " D=" + std::to_string(c.D) +
          " Dv=" + std::to_string(c.Dv) + " M=" + std::to_string(c.M) + " " + map_name(c.map) +
          (c.causal ? " causal" : "") + (c.masks ? " masks" : "") + " " + testing_util::layout_name(c.layout) +
-         (c.shared_projection ? " shared-projection" : "") + " eps=" + std::to_string(c.eps) +
-         " std=" + std::to_string(c.input_std);
+         (c.shared_projection ? " shared-projection" : "") + " scale=" + short_number(c.scale) +
+         " eps=" + short_number(c.eps) + " std=" + short_number(c.input_std);
 }
 
 /// The owned data of one problem: q, k at input_std, v, out poisoned, a fresh projection, and
