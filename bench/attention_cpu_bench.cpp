@@ -102,7 +102,7 @@ Runner<T> standard() {
 template <class T>
 std::shared_ptr<std::vector<T>> random_tokens(int64_t count, uint64_t seed) {
   auto v = std::make_shared<std::vector<T>>(count);
-  bench::fill_uniform(v->size(), seed, [&](size_t i, float x) { (*v)[i] = static_cast<T>(x); });
+  bench::fill_normal(v->size(), seed, [&](size_t i, float x) { (*v)[i] = static_cast<T>(x); });
   return v;
 }
 
@@ -165,9 +165,9 @@ std::function<void(benchmark::State&)> make_body(const bench::Case& c, const ben
       return;
     }
     std::vector<T> q(B * H * N * D), k(q.size()), v(q.size()), out(q.size());
-    bench::fill_uniform(q.size(), 1, [&](size_t i, float x) { q[i] = static_cast<T>(x); });
-    bench::fill_uniform(k.size(), 2, [&](size_t i, float x) { k[i] = static_cast<T>(x); });
-    bench::fill_uniform(v.size(), 3, [&](size_t i, float x) { v[i] = static_cast<T>(x); });
+    bench::fill_normal(q.size(), 1, [&](size_t i, float x) { q[i] = static_cast<T>(x); });
+    bench::fill_normal(k.size(), 2, [&](size_t i, float x) { k[i] = static_cast<T>(x); });
+    bench::fill_normal(v.size(), 3, [&](size_t i, float x) { v[i] = static_cast<T>(x); });
     const auto in = [&](const std::vector<T>& x, int64_t b) { return effattn::bhsd<const T>(x.data(), b, H, N, D); };
 
     // Memory of one sequence: the library's own allocations while it runs on it.
@@ -211,9 +211,9 @@ template <class T>
 bool check_baseline(double tolerance) {
   const int64_t B = 2, H = 3, N = 333, D = 40;
   std::vector<T> q(B * H * N * D), k(q.size()), v(q.size()), a(q.size()), b(q.size());
-  bench::fill_uniform(q.size(), 1, [&](size_t i, float x) { q[i] = static_cast<T>(x); });
-  bench::fill_uniform(k.size(), 2, [&](size_t i, float x) { k[i] = static_cast<T>(x); });
-  bench::fill_uniform(v.size(), 3, [&](size_t i, float x) { v[i] = static_cast<T>(x); });
+  bench::fill_normal(q.size(), 1, [&](size_t i, float x) { q[i] = static_cast<T>(x); });
+  bench::fill_normal(k.size(), 2, [&](size_t i, float x) { k[i] = static_cast<T>(x); });
+  bench::fill_normal(v.size(), 3, [&](size_t i, float x) { v[i] = static_cast<T>(x); });
   const auto in = [&](const std::vector<T>& x) { return effattn::bhsd<const T>(x.data(), B, H, N, D); };
   standard<T>().run(in(q), in(k), in(v), effattn::bhsd(a.data(), B, H, N, D), nullptr, 0);
   effattn::attention<effattn::Cpu>(effattn::Softmax{}, in(q), in(k), in(v), effattn::bhsd(b.data(), B, H, N, D));

@@ -70,7 +70,7 @@ struct DeviceBuffer {
 template <class T>
 std::shared_ptr<DeviceBuffer<T>> random_device(size_t n, uint64_t seed) {
   std::vector<T> host(n);
-  bench::fill_uniform(n, seed, [&](size_t i, float x) { host[i] = static_cast<T>(x); });
+  bench::fill_normal(n, seed, [&](size_t i, float x) { host[i] = static_cast<T>(x); });
   auto d = std::make_shared<DeviceBuffer<T>>(n);
   check(cudaMemcpy(d->ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice), "cudaMemcpy");
   return d;

@@ -239,8 +239,7 @@ inline void set_counters(benchmark::State& st, const Case& c, double mem_per_seq
   st.counters["D"] = Counter(static_cast<double>(c.shape.dim));
 }
 
-/// Fills n values with a cheap deterministic generator, uniform with unit variance: the
-/// timings do not depend on the distribution and a 512 MB input fills in a blink.
+/// Fills n values with a cheap deterministic generator (xorshift64), uniform with unit variance.
 template <class Store>
 void fill_uniform(size_t n, uint64_t seed, Store store) {
   uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
@@ -249,6 +248,24 @@ void fill_uniform(size_t n, uint64_t seed, Store store) {
     x ^= x >> 7;
     x ^= x << 17;
     store(i, static_cast<float>((static_cast<double>(x >> 11) * 0x1.0p-53 * 2.0 - 1.0) * 1.7320508));
+  }
+}
+
+/// Fills n values from N(0, 1), as torch.randn draws the peers' inputs (bench/peers/run_peers.py):
+/// xorshift64 and Box–Muller, deterministic per seed, about 10 ns a value.
+template <class Store>
+void fill_normal(size_t n, uint64_t seed, Store store) {
+  uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
+  const auto next = [&x] {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    return (static_cast<double>(x >> 11) + 0.5) * 0x1.0p-53;  // in (0, 1)
+  };
+  for (size_t i = 0; i < n; i += 2) {
+    const double r = std::sqrt(-2.0 * std::log(next())), t = 6.283185307179586 * next();
+    store(i, static_cast<float>(r * std::cos(t)));
+    if (i + 1 < n) store(i + 1, static_cast<float>(r * std::sin(t)));
   }
 }
 

@@ -8,8 +8,13 @@
 #   bash scripts/bench.sh --full           # the whole issue sweep (LRA + FlashAttention shapes,
 #                                          # N = 512..65536): meant for a GPU; hours on a small CPU
 #   bash scripts/bench.sh --cpu            # CPU backend even when a GPU is present
+#   bash scripts/bench.sh --peers          # side by side with torch SDPA, nystrom-attention and
+#                                          # performer-pytorch (needs torch: bench/peers/README.md),
+#                                          # interleaved rounds, medians and per-round ratios
 #   bash scripts/bench.sh --out DIR [-- extra attention_*_bench flags, e.g. --seq=1024,4096]
-# EFFATTN_BENCH_BUILD_DIR overrides the build directory (default build/bench-cpu or build/bench-cuda).
+# EFFATTN_BENCH_BUILD_DIR overrides the build directory (default build/bench-cpu or build/bench-cuda);
+# with --peers, EFFATTN_PEERS_PYTHON names the python that has torch (default: .venv*/bin/python, then
+# python3) and EFFATTN_PEERS_ROUNDS the number of rounds (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +22,7 @@ args_seen="$*"
 out_dir=out/bench
 full=0
 force_cpu=0
+peers=0
 extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -24,8 +30,9 @@ while [ $# -gt 0 ]; do
     --out=*) out_dir=${1#--out=}; shift ;;
     --full) full=1; shift ;;
     --cpu) force_cpu=1; shift ;;
+    --peers) peers=1; shift ;;
     --) shift; extra+=("$@"); break ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) extra+=("$1"); shift ;;
   esac
 done
@@ -80,6 +87,55 @@ echo "bench.sh: backend $backend on '$device'; build in $build_dir; results in $
 cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DEFFATTN_BUILD_TESTS=OFF \
   -DEFFATTN_BUILD_EXAMPLES=OFF "${cmake_args[@]}" >/dev/null
 cmake --build "$build_dir" --target "$target"
+
+# --- side by side with the peers (--peers) ---------------------------------------------------------
+peers_python=""
+if [ $peers -eq 1 ]; then
+  for py in ${EFFATTN_PEERS_PYTHON:-} .venv*/bin/python python3; do
+    if [ -x "$py" ] || command -v "$py" >/dev/null 2>&1; then
+      if "$py" -c "import torch" >/dev/null 2>&1; then peers_python=$py; break; fi
+    fi
+  done
+  if [ -z "$peers_python" ]; then
+    echo "bench.sh: --peers needs torch in some python (none found; bench/peers/README.md says how to get it):" \
+         "running the effattn sweep alone" >&2
+  fi
+fi
+if [ -n "$peers_python" ]; then
+  mkdir -p "$out_dir"
+  rounds=${EFFATTN_PEERS_ROUNDS:-3}
+  bin="$build_dir/bench/$target"
+  # Three sessions, each interleaving effattn and the peers per (shape, N) for $rounds rounds:
+  # the LRA table (+ the per-issue targets), the FlashAttention shape, and double at the LRA shape.
+  common=(--bench "$bin" --rounds "$rounds" --device-name "$device" --commit "$commit" --quiet --min-calls 1)
+  if [ $backend = cuda ]; then types_lra=half; else types_lra=float; fi
+  sessions=(
+    "lra|--shapes lra --seq 512,1024,2048,4096,8192 --types $types_lra --targets
+      --bench-methods standard,softmax,softmax-causal,nystrom-128,proxy-128,favor-256
+      --methods torch-standard,torch-sdpa,torch-sdpa-causal,nystrom-attention-128,performer-256"
+    "fa64|--shapes fa64 --seq 1024,2048,4096 --tokens 4096 --types $types_lra
+      --bench-methods softmax,softmax-causal --methods torch-sdpa,torch-sdpa-causal")
+  if [ $backend = cpu ]; then
+    sessions+=("double|--shapes lra --seq 1024,2048,4096 --types double --bench-methods softmax,softmax-causal
+      --methods torch-sdpa,torch-sdpa-causal")
+  fi
+  jsons=()
+  for s in "${sessions[@]}"; do
+    tag=${s%%|*}
+    read -r -a flags <<< "$(echo "${s#*|}" | tr '\n' ' ')"
+    prefix=$out_dir/$name.side-by-side.$tag
+    for x in "${extra[@]}"; do flags+=("--bench-arg=$x"); done
+    echo "bench.sh: $peers_python bench/peers/run_peers.py ${common[*]} ${flags[*]} --out $prefix"
+    "$peers_python" bench/peers/run_peers.py "${common[@]}" "${flags[@]}" --out "$prefix"
+    jsons+=("$prefix.json" "$prefix.peers.json")
+  done
+  png_args=()
+  if [ -n "$plot_py" ]; then png_args=(--png "$out_dir/$name.side-by-side.png"); fi
+  "$render_py" bench/render.py "${jsons[@]}" --out "$out_dir/$name.side-by-side.md" "${png_args[@]}" \
+    --command "bash scripts/bench.sh${args_seen:+ $args_seen}"
+  echo "bench.sh: wrote $out_dir/$name.side-by-side.{md,*.json${plot_py:+,png}}"
+  exit 0
+fi
 
 # --- the sweep -----------------------------------------------------------------------------------
 if [ $full -eq 1 ]; then

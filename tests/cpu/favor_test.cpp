@@ -3,56 +3,13 @@
 // projections, large inputs, workspace rules and every argument check.
 #include <effattn/effattn.hpp>
 
+#include "favor_cases.hpp"
 #include "reference/favor.hpp"
-#include "test_util.hpp"
 
 namespace {
 
 using namespace testing_util;
-using effattn::FeatureMap;
-
-const char* map_name(FeatureMap m) {
-  return m == FeatureMap::positive ? "positive" : m == FeatureMap::relu ? "relu" : "trig";
-}
-
-struct Case {
-  int64_t B, H, Hk, Nq, Nk, D, Dv;
-  int64_t M;
-  FeatureMap map;
-  bool causal;
-  bool masks;
-  Layout layout = Layout::bhsd;
-  bool shared_projection = false;  // projection heads 1 instead of H
-  float scale = 0, eps = 0;
-  double input_std = 0;  // 0: 1, or the trig default below
-};
-
-std::string describe(const Case& c) {
-  return "B=" + std::to_string(c.B) + " H=" + std::to_string(c.H) + " Hk=" + std::to_string(c.Hk) +
-         " Nq=" + std::to_string(c.Nq) + " Nk=" + std::to_string(c.Nk) + " D=" + std::to_string(c.D) +
-         " Dv=" + std::to_string(c.Dv) + " M=" + std::to_string(c.M) + " " + map_name(c.map) +
-         (c.causal ? " causal" : "") + (c.masks ? " masks" : "") + " " + layout_name(c.layout) +
-         (c.shared_projection ? " shared-projection" : "") + " std=" + std::to_string(c.input_std);
-}
-
-/// A projection tensor [1, heads, M, D] over an owned favor_projection.
-struct Projection {
-  std::vector<float> w;
-  effattn::Tensor<const float> view;
-  Projection(int64_t heads, int64_t M, int64_t D, uint64_t seed,
-             effattn::Orthogonality o = effattn::Orthogonality::orthogonal)
-      : w(effattn::favor_projection(seed, int(heads), int(M), int(D), o)),
-        view(w.data(), {1, heads, M, D}, {heads * M * D, M * D, D, 1}) {}
-};
-
-/// DESIGN.md's CPU tolerance times the condition number of the normalizer sums phi(q_i)ᵀz
-/// (ref::favor): exactly the DESIGN tolerance for positive and relu features, whose sums have no
-/// cancellation (condition 1); for the signed trig features, the factor by which any evaluation
-/// of the same formulas amplifies rounding (the naive double loops show it as much as this code).
-template <class T>
-double tolerance(double condition) {
-  return cpu_tolerance<T>() * condition;
-}
+using namespace favor_cases;
 
 /// Everything the reference needs, as views.
 template <class T>
@@ -69,39 +26,9 @@ struct Inputs {
 };
 
 template <class T>
-struct Problem {
-  Case c;
-  HostTensor<T> q, k, v, out;
-  Projection proj;
-  std::vector<uint8_t> qm, km;
-  effattn::Masks masks;
-  explicit Problem(const Case& cs)
-      : c(cs),
-        q(c.B, c.H, c.Nq, c.D, c.layout),
-        k(c.B, c.Hk, c.Nk, c.D, c.layout),
-        v(c.B, c.Hk, c.Nk, c.Dv, c.layout),
-        out(c.B, c.H, c.Nq, c.Dv, c.layout),
-        proj(c.shared_projection ? 1 : c.H, c.M, c.D, rng()()) {
-    // Trig by default at |x'|² = s D std² ~ 0.64, where its normalizer estimate stays away from
-    // zero (condition numbers mostly 1-10, rarely ~50; at std 1 rows reach 1e5..1e7).
-    const double stddev = c.input_std > 0 ? c.input_std : c.map == FeatureMap::trig ? 0.8 / std::pow(double(c.D), 0.25) : 1.0;
-    q.fill_normal(stddev);
-    k.fill_normal(stddev);
-    v.fill_normal();
-    out.poison();
-    if (c.masks) {
-      // The last batch has no valid key; random queries are dropped everywhere.
-      km = random_mask(c.B, c.Nk, 0.7, c.B > 1 ? c.B - 1 : -1);
-      qm = random_mask(c.B, c.Nq, 0.8);
-      masks = {qm.data(), c.Nq, km.data(), c.Nk};
-    }
-  }
-  effattn::Favor method() const { return effattn::Favor{proj.view, c.map, c.causal, c.scale, c.eps}; }
-  void run(int threads = 0) {
-    effattn::attention<effattn::Cpu>(method(), q.cview(), k.cview(), v.cview(), out.view, masks,
-                                     effattn::Exec<effattn::Cpu>{threads});
-  }
-  Inputs<T> inputs() const { return {q.cview(), k.cview(), v.cview(), masks, proj.view, c}; }
+struct Problem : FavorData<T> {
+  using FavorData<T>::FavorData;
+  Inputs<T> inputs() const { return {this->q.cview(), this->k.cview(), this->v.cview(), this->masks, this->proj.view, this->c}; }
 };
 
 template <class T>
@@ -111,7 +38,7 @@ void run_case(const Case& c, int threads = 0) {
   Problem<T> p(c);
   const T sentinel = T(12345);
   mark_outside(p.out, sentinel);
-  p.run(threads);
+  p.forward(threads);
   const Inputs<T> in = p.inputs();
   double condition = 0;
   const ref::Result r = in.accurate(&condition);
@@ -121,7 +48,6 @@ void run_case(const Case& c, int threads = 0) {
   EXPECT_TRUE(outside_untouched(p.out, sentinel)) << "wrote outside the out view";
 }
 
-constexpr FeatureMap kMaps[] = {FeatureMap::positive, FeatureMap::relu, FeatureMap::trig};
 
 template <class T>
 class FavorCpu : public ::testing::Test {};
@@ -187,6 +113,19 @@ TYPED_TEST(FavorCpu, InputRangesWhereStabilizersMatter) {
         run_case<TypeParam>({1, 2, 2, 200, 200, 64, 64, 64, map, causal, true, Layout::bhsd, false, 0, 0, stddev});
 }
 
+// The range rule of cpu/favor.hpp: eps tiny next to exp parts that underflow T (|x| ~ 4: exp
+// parts ~1e-20, products ~1e-40; |x| ~ 10: every exp part below eps) or huge (eps² overflows
+// float) gives the reference's rows, neither zeros nor NaN.
+TYPED_TEST(FavorCpu, ExtremeEpsKeepsRowsInRange) {
+  const double huge = std::is_same_v<TypeParam, float> ? 1e38 : 1e300;
+  for (FeatureMap map : {FeatureMap::positive, FeatureMap::relu})
+    for (bool causal : {false, true}) {
+      for (double stddev : {4.0, 10.0})
+        run_case<TypeParam>({1, 2, 2, 200, 200, 32, 32, 32, map, causal, true, Layout::bhsd, false, 0, 1e-30, stddev});
+      run_case<TypeParam>({1, 2, 2, 200, 200, 32, 32, 32, map, causal, true, Layout::bhsd, false, 0, huge});
+    }
+}
+
 // Trig at larger inputs: the accuracy bound scales with the condition number (tolerance()),
 // which grows with |x'|²; at x30, exp(|x'|²/2 - c) also underflows differently in float and
 // double, so there the contract is finiteness.
@@ -197,7 +136,7 @@ TEST(FavorCpu, TrigAtLargerInputs) {
       run_case<float>({2, 2, 2, 300, 300, 64, 64, 64, FeatureMap::trig, causal, true, Layout::bhsd, false, 0, 0, stddev});
   for (bool causal : {false, true}) {
     Problem<float> p({2, 2, 2, 300, 300, 64, 64, 64, FeatureMap::trig, causal, true, Layout::bhsd, false, 0, 0, 30.0});
-    p.run();
+    p.forward();
     for (float x : p.out.storage) ASSERT_TRUE(std::isfinite(x));
   }
 }
@@ -218,7 +157,7 @@ TYPED_TEST(FavorCpu, MaskedKeysEqualRemovedKeys) {
       for (int64_t j = 0; j < N; ++j)
         if (!p.km[j])
           for (int64_t c = 0; c < D; ++c) p.k.view(0, h, j, c) = TypeParam(3) * TypeParam(p.proj.w[(h * M + j % M) * D + c]);
-    p.run();
+    p.forward();
     int64_t kept = 0;
     for (uint8_t m : p.km) kept += m;
     HostTensor<TypeParam> k2(1, 2, kept, D), v2(1, 2, kept, D), out2(1, 2, N, D);

@@ -158,4 +158,201 @@ TEST(SoftmaxCpu, WorkspaceDoesNotGrowWithSequenceLength) {
   EXPECT_EQ(bytes_at(1024), bytes_at(16384));
 }
 
+// ---- Non-finite inputs (issue 14 item 4) and logits beyond T's range ----
+
+// Rows flagged by nan_row(b, h, i) must be entirely NaN; every other row finite and within
+// `tolerance` of the reference (max |out - ref| / max |ref| over those rows).
+template <class T, class NanRow>
+void expect_rows(const Tensor<T>& out, const ref::Result& r, NanRow nan_row, double tolerance) {
+  double max_diff = 0, max_ref = 0;
+  int64_t wrong = 0;
+  for (int64_t b = 0; b < r.B; ++b)
+    for (int64_t h = 0; h < r.H; ++h)
+      for (int64_t i = 0; i < r.N; ++i) {
+        const bool nan = nan_row(b, h, i);
+        for (int64_t c = 0; c < r.Dv; ++c) {
+          const double o = ref::at(out, b, h, i, c);
+          if (nan != std::isnan(o) || (!nan && !std::isfinite(o))) {
+            if (wrong++ < 5) ADD_FAILURE() << "out(" << b << "," << h << "," << i << "," << c << ") = " << o << (nan ? ", expected NaN" : "");
+            continue;
+          }
+          if (nan) continue;
+          max_diff = std::max(max_diff, std::abs(o - r(b, h, i, c)));
+          max_ref = std::max(max_ref, std::abs(r(b, h, i, c)));
+        }
+      }
+  EXPECT_EQ(wrong, 0);
+  EXPECT_LE(max_ref > 0 ? max_diff / max_ref : max_diff, tolerance);
+}
+
+template <class T>
+void set(HostTensor<T>& t, int64_t b, int64_t h, int64_t s, int64_t d, double x) {
+  t.view(b, h, s, d) = static_cast<T>(x);
+}
+
+TYPED_TEST(SoftmaxCpu, NonFiniteQueryMakesItsRowNaN) {
+  using T = TypeParam;
+  EFFATTN_TRACE_SEED();
+  const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+  for (bool causal : {false, true}) {
+    AttentionData<T> data(1, 2, 2, 200, 200, 32, 32, Layout::bshd);
+    auto& [q, k, v, out] = data;
+    set(q, 0, 0, 5, 3, nan);
+    set(q, 0, 0, 77, 0, inf);
+    set(q, 0, 1, 130, 31, -inf);
+    set(q, 0, 1, 150, 7, nan);  // an invalid query: zero, whatever its values
+    std::vector<uint8_t> qm(200, 1);
+    qm[150] = 0;
+    const effattn::Masks masks{qm.data(), 200, nullptr, 0};
+    effattn::attention<effattn::Cpu>(effattn::Softmax{0, causal}, q.cview(), k.cview(), v.cview(), out.view, masks);
+    const ref::Result r = ref::softmax(q.cview(), k.cview(), v.cview(), masks, 0, causal);
+    expect_rows(out.view, r, [](int64_t, int64_t h, int64_t i) { return (h == 0 && (i == 5 || i == 77)) || (h == 1 && i == 130); },
+                cpu_tolerance<T>());
+    for (int64_t c = 0; c < 32; ++c) EXPECT_EQ(out.view(0, 1, 150, c), T(0));
+  }
+}
+
+TYPED_TEST(SoftmaxCpu, NonFiniteVisibleKeyOrValueMakesTheRowsThatSeeItNaN) {
+  using T = TypeParam;
+  EFFATTN_TRACE_SEED();
+  const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+  // Causal, N = 300: a NaN in k_100 reaches rows >= 100; an inf in v_200 rows >= 200 (already
+  // NaN); in head 1 a -inf in k_299 and a NaN in v_299 only row 299, though rows 288..298 share
+  // its block on the diagonal.
+  AttentionData<T> data(1, 2, 2, 300, 300, 32, 32, Layout::bhsd);
+  auto& [q, k, v, out] = data;
+  set(k, 0, 0, 100, 2, nan);
+  set(v, 0, 0, 200, 5, inf);
+  set(k, 0, 1, 299, 0, -inf);
+  set(v, 0, 1, 299, 9, nan);
+  effattn::attention<effattn::Cpu>(effattn::Softmax{0, true}, q.cview(), k.cview(), v.cview(), out.view);
+  const ref::Result r = ref::softmax(q.cview(), k.cview(), v.cview(), {}, 0, true);
+  expect_rows(out.view, r, [](int64_t, int64_t h, int64_t i) { return h == 0 ? i >= 100 : i == 299; }, cpu_tolerance<T>());
+
+  // Without causal every row sees every valid key: an inf in one value row poisons them all.
+  AttentionData<T> all(1, 1, 1, 70, 90, 16, 16, Layout::bhsd);
+  set(all.v, 0, 0, 33, 0, -inf);
+  effattn::attention<effattn::Cpu>(effattn::Softmax{}, all.q.cview(), all.k.cview(), all.v.cview(), all.out.view);
+  expect_rows(all.out.view, ref::softmax(all.q.cview(), all.k.cview(), all.v.cview(), {}, 0, false),
+              [](int64_t, int64_t, int64_t) { return true; }, 0);
+}
+
+TYPED_TEST(SoftmaxCpu, MaskedOrCausallyHiddenNonFiniteKeysChangeNothing) {
+  using T = TypeParam;
+  EFFATTN_TRACE_SEED();
+  const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+  for (bool causal : {false, true}) {
+    AttentionData<T> data(2, 2, 1, 257, 257, 32, 40, Layout::padded);
+    auto& [q, k, v, out] = data;
+    std::vector<uint8_t> km(2 * 257, 1);
+    for (int64_t j : {0, 17, 100, 255, 256}) {  // masked keys full of NaN and inf, in both batches
+      km[j] = km[257 + j] = 0;
+      for (int64_t b = 0; b < 2; ++b) {
+        set(k, b, 0, j, 1, nan);
+        set(k, b, 0, j, 2, inf);
+        set(v, b, 0, j, 3, -inf);
+        set(v, b, 0, j, 39, nan);
+      }
+    }
+    if (causal) km[257 + 256] = 1;  // batch 1: the poisoned last key is hidden from every row but the last
+    const effattn::Masks masks{nullptr, 0, km.data(), 257};
+    effattn::attention<effattn::Cpu>(effattn::Softmax{0, causal}, q.cview(), k.cview(), v.cview(), out.view, masks);
+    const ref::Result r = ref::softmax(q.cview(), k.cview(), v.cview(), masks, 0, causal);
+    expect_rows(out.view, r, [&](int64_t b, int64_t, int64_t i) { return causal && b == 1 && i == 256; },
+                cpu_tolerance<T>());
+  }
+}
+
+// Finite inputs whose scaled logits overflow float are computed exactly (in double).
+TEST(SoftmaxCpu, LogitsBeyondFloatRangeAreExact) {
+  EFFATTN_TRACE_SEED();
+  for (bool causal : {false, true}) {
+    // |q|, |k| ~ 1e20: logits ~ 1e40 overflow float; one query row stays moderate.
+    AttentionData<float> big(1, 2, 2, 150, 150, 32, 32, Layout::bhsd);
+    for (auto* t : {&big.q, &big.k})
+      for (auto& x : t->storage) x *= 1e20f;
+    for (int64_t c = 0; c < 32; ++c) big.q.view(0, 1, 9, c) *= 1e-40f;
+    effattn::attention<effattn::Cpu>(effattn::Softmax{0, causal}, big.q.cview(), big.k.cview(), big.v.cview(), big.out.view);
+    big.expect_matches(ref::softmax(big.q.cview(), big.k.cview(), big.v.cview(), {}, 0, causal), 1e-5);
+    // scale = 3e38: every logit beyond float's range, scale·q too.
+    AttentionData<float> scaled(1, 1, 1, 100, 120, 16, 16, Layout::bshd);
+    const effattn::Softmax m{3e38f, causal};
+    effattn::attention<effattn::Cpu>(m, scaled.q.cview(), scaled.k.cview(), scaled.v.cview(), scaled.out.view);
+    scaled.expect_matches(ref::softmax(scaled.q.cview(), scaled.k.cview(), scaled.v.cview(), {}, 3e38f, causal), 1e-5);
+  }
+}
+
+// In double, logits beyond double's range (long double path): the softmax is one-hot at the
+// largest logit, which for these inputs is far ahead of the second.
+TEST(SoftmaxCpu, LogitsBeyondDoubleRangeAreFinite) {
+  const int64_t N = 40, D = 8;
+  HostTensor<double> q(1, 1, N, D), k(1, 1, N, D), v(1, 1, N, D), out(1, 1, N, D);
+  q.fill_normal();
+  k.fill_normal();
+  v.fill_normal();
+  for (auto* t : {&q, &k})
+    for (auto& x : t->storage) x *= 1e160;
+  out.poison();
+  effattn::attention<effattn::Cpu>(effattn::Softmax{}, q.cview(), k.cview(), v.cview(), out.view);
+  for (int64_t i = 0; i < N; ++i) {
+    int64_t best = 0;
+    long double best_dot = -INFINITY;
+    for (int64_t j = 0; j < N; ++j) {
+      long double dot = 0;
+      for (int64_t c = 0; c < D; ++c) dot += (long double)q.view(0, 0, i, c) * k.view(0, 0, j, c);
+      if (dot > best_dot) best_dot = dot, best = j;
+    }
+    for (int64_t c = 0; c < D; ++c) EXPECT_EQ(out.view(0, 0, i, c), v.view(0, 0, best, c)) << "row " << i;
+  }
+}
+
+// The optional per-row log-sum-exp of the tile kernel against a float64 one: masks (an invalid
+// query and a batch with no valid key give -inf), causal, odd sizes, both types.
+TYPED_TEST(SoftmaxCpu, RowLogSumExpMatchesFloat64) {
+  using T = TypeParam;
+  EFFATTN_TRACE_SEED();
+  for (bool causal : {false, true})
+    for (auto [nq, nk] : {std::pair<int64_t, int64_t>{1, 1}, {100, 333}, {333, 100}, {513, 513}}) {
+      SCOPED_TRACE("nq=" + std::to_string(nq) + " nk=" + std::to_string(nk) + (causal ? " causal" : ""));
+      const int64_t d = 40, dv = 24;
+      HostTensor<T> q(1, 1, nq, d), k(1, 1, nk, d), v(1, 1, nk, dv), out(1, 1, nq, dv);
+      q.fill_normal(1.5);
+      k.fill_normal(1.5);
+      v.fill_normal();
+      std::vector<uint8_t> qm = random_mask(1, nq, 0.9), km = random_mask(1, nk, 0.8);
+      std::vector<T> lse(size_t(nq), T(7));
+      effattn::cpu::HeadAttention<T> p;
+      p.q = effattn::cpu::head_rows(q.cview(), 0, 0);
+      p.k = effattn::cpu::head_rows(k.cview(), 0, 0);
+      p.v = effattn::cpu::head_rows(v.cview(), 0, 0);
+      p.out = effattn::cpu::head_rows(out.view, 0, 0);
+      p.query_valid = qm.data();
+      p.key_valid = km.data();
+      p.scale = T(0.3);
+      p.causal = causal;
+      p.causal_offset = nk - nq;
+      p.lse = lse.data();
+      std::vector<unsigned char> scratch(effattn::cpu::tile_scratch_bytes<T>(d, dv));
+      effattn::cpu::attend_head(p, effattn::detail::Arena(scratch.data(), scratch.size()));
+      for (int64_t i = 0; i < nq; ++i) {
+        double m = -INFINITY;
+        std::vector<double> s;
+        for (int64_t j = 0; j < nk; ++j) {
+          if (!km[size_t(j)] || (causal && j > i + nk - nq)) continue;
+          double dot = 0;
+          for (int64_t c = 0; c < d; ++c) dot += double(q.view(0, 0, i, c)) * double(k.view(0, 0, j, c));
+          s.push_back(double(T(0.3)) * dot);
+          m = std::max(m, s.back());
+        }
+        double sum = 0;
+        for (double x : s) sum += std::exp(x - m);
+        const double expected = qm[size_t(i)] && !s.empty() ? m + std::log(sum) : -INFINITY;
+        if (std::isinf(expected))
+          EXPECT_EQ(double(lse[size_t(i)]), expected) << "row " << i;
+        else
+          EXPECT_NEAR(double(lse[size_t(i)]), expected, cpu_tolerance<T>() * std::max(1.0, std::abs(expected))) << "row " << i;
+      }
+    }
+}
+
 }  // namespace
