@@ -21,24 +21,45 @@ using effattn::Tensor;
 /// none: it allocates its own), and ask how much workspace it needs.
 template <class T>
 struct Runner {
+  using Sizes = std::function<size_t(Tensor<const T>, Tensor<const T>, Tensor<const T>)>;
   std::function<void(Tensor<const T>, Tensor<const T>, Tensor<const T>, Tensor<T>, void*, size_t)> run;
-  std::function<size_t(Tensor<const T>, Tensor<const T>, Tensor<const T>)> workspace;
+  Sizes workspace;
+  // attention_backward(q, k, v, out, dout) into dq, dk, dv (and the method's own parameter
+  // gradients, held by the runner); empty where the method has none here.
+  std::function<void(Tensor<const T>, Tensor<const T>, Tensor<const T>, Tensor<const T>, Tensor<const T>, Tensor<T>,
+                     Tensor<T>, Tensor<T>, void*, size_t)>
+      backward;
+  Sizes backward_workspace;
   size_t parameter_bytes = 0;  // proxy tokens or random features, counted with the inputs
   std::shared_ptr<void> storage;
 };
 
-/// Any effattn method through the public API.
+/// Any effattn method through the public API. `grads` adds the method's parameter gradients to
+/// the backward's Grads (the proxies' for Proxy).
 template <class T, class Method>
-Runner<T> library(Method m, std::shared_ptr<void> storage = nullptr, size_t parameter_bytes = 0) {
+Runner<T> library(Method m, std::shared_ptr<void> storage = nullptr, size_t parameter_bytes = 0,
+                  std::function<void(effattn::Grads<T>&)> grads = nullptr) {
   Runner<T> r;
-  r.run = [m](Tensor<const T> q, Tensor<const T> k, Tensor<const T> v, Tensor<T> out, void* ws, size_t ws_size) {
+  const auto exec_of = [](void* ws, size_t ws_size) {
     effattn::Exec<effattn::Cpu> exec;
     exec.workspace = ws;
     exec.workspace_size = ws_size;
-    effattn::attention<effattn::Cpu>(m, q, k, v, out, {}, exec);
+    return exec;
   };
+  r.run = [m, exec_of](Tensor<const T> q, Tensor<const T> k, Tensor<const T> v, Tensor<T> out, void* ws,
+                       size_t ws_size) { effattn::attention<effattn::Cpu>(m, q, k, v, out, {}, exec_of(ws, ws_size)); };
   r.workspace = [m](Tensor<const T> q, Tensor<const T> k, Tensor<const T> v) {
     return effattn::workspace_bytes<effattn::Cpu>(m, q, k, v);
+  };
+  r.backward = [m, exec_of, grads](Tensor<const T> q, Tensor<const T> k, Tensor<const T> v, Tensor<const T> out,
+                                   Tensor<const T> dout, Tensor<T> dq, Tensor<T> dk, Tensor<T> dv, void* ws,
+                                   size_t ws_size) {
+    effattn::Grads<T> g{dq, dk, dv, {}, {}};
+    if (grads) grads(g);
+    effattn::attention_backward<effattn::Cpu>(m, q, k, v, out, dout, g, {}, exec_of(ws, ws_size));
+  };
+  r.backward_workspace = [m](Tensor<const T> q, Tensor<const T> k, Tensor<const T> v) {
+    return effattn::backward_workspace_bytes<effattn::Cpu>(m, q, k, v);
   };
   r.storage = std::move(storage);
   r.parameter_bytes = parameter_bytes;
@@ -126,7 +147,12 @@ Runner<T> make_runner(const bench::MethodSpec& m, int64_t H, int64_t D) {
       effattn::Proxy<T> p;
       p.proxy_q = effattn::bhsd<const T>(tokens->data(), 1, H, m.size, D);
       p.proxy_k = effattn::bhsd<const T>(tokens->data() + H * m.size * D, 1, H, m.size, D);
-      return library<T>(p, tokens, tokens->size() * sizeof(T));
+      auto dtokens = std::make_shared<std::vector<T>>(tokens->size());  // the proxies' gradients
+      const int64_t M = m.size;
+      return library<T>(p, tokens, tokens->size() * sizeof(T), [dtokens, H, M, D](effattn::Grads<T>& g) {
+        g.dproxy_q = effattn::bhsd(dtokens->data(), 1, H, M, D);
+        g.dproxy_k = effattn::bhsd(dtokens->data() + H * M * D, 1, H, M, D);
+      });
     }
 #endif
 #if EFFATTN_BENCH_CPU_FAVOR && EFFATTN_BENCH_FAVOR_PROJECTION
@@ -152,7 +178,7 @@ template <class T>
 std::function<void(benchmark::State&)> make_body(const bench::Case& c, const bench::Options& o) {
   const int64_t H = c.shape.heads, D = c.shape.dim, N = c.seq, B = c.batch;
   Runner<T> r = make_runner<T>(c.method, H, D);
-  if (!r.run) return {};
+  if (!r.run || (c.backward && !r.backward)) return {};
   const double scores_mb = H * static_cast<double>(N) * N * sizeof(T) / (1 << 20);
   const bool too_big = c.method.family == bench::Family::standard && scores_mb > o.max_scores_mb;
   return [c, r, B, H, N, D, too_big, scores_mb](benchmark::State& st) {
@@ -168,27 +194,43 @@ std::function<void(benchmark::State&)> make_body(const bench::Case& c, const ben
     bench::fill_normal(q.size(), 1, [&](size_t i, float x) { q[i] = static_cast<T>(x); });
     bench::fill_normal(k.size(), 2, [&](size_t i, float x) { k[i] = static_cast<T>(x); });
     bench::fill_normal(v.size(), 3, [&](size_t i, float x) { v[i] = static_cast<T>(x); });
+    // The backward's upstream gradient and its outputs (empty for a forward case).
+    std::vector<T> dout(c.backward ? q.size() : 0), dq(dout.size()), dk(dout.size()), dv(dout.size());
+    bench::fill_normal(dout.size(), 4, [&](size_t i, float x) { dout[i] = static_cast<T>(x); });
     const auto in = [&](const std::vector<T>& x, int64_t b) { return effattn::bhsd<const T>(x.data(), b, H, N, D); };
+    const auto mut = [&](std::vector<T>& x, int64_t b) { return effattn::bhsd(x.data(), b, H, N, D); };
+    // One call of the case on the first b sequences: forward, then (backward cases) backward.
+    const auto call = [&](int64_t b, void* ws, size_t ws_size) {
+      r.run(in(q, b), in(k, b), in(v, b), mut(out, b), ws, ws_size);
+      if (c.backward)
+        r.backward(in(q, b), in(k, b), in(v, b), in(out, b), in(dout, b), mut(dq, b), mut(dk, b), mut(dv, b), ws,
+                   ws_size);
+    };
+    const auto workspace = [&](int64_t b) {
+      const size_t f = r.workspace(in(q, b), in(k, b), in(v, b));
+      return c.backward ? std::max(f, r.backward_workspace(in(q, b), in(k, b), in(v, b))) : f;
+    };
 
     // Memory of one sequence: the library's own allocations while it runs on it.
     const size_t before = effattn::allocation_stats().current;
     effattn::reset_allocation_peak();
-    r.run(in(q, 1), in(k, 1), in(v, 1), effattn::bhsd(out.data(), 1, H, N, D), nullptr, 0);
+    call(1, nullptr, 0);
     const size_t scratch = effattn::allocation_stats().peak - before;
-    const size_t ws_one = r.workspace(in(q, 1), in(k, 1), in(v, 1));
+    const size_t ws_one = workspace(1);
 
     // Timed: the whole batch with a caller workspace, as a steady-state caller runs it.
-    const size_t ws_size = r.workspace(in(q, B), in(k, B), in(v, B));
+    const size_t ws_size = workspace(B);
     std::unique_ptr<void, AlignedFree> ws(ws_size ? std::aligned_alloc(64, effattn::detail::align_up(ws_size)) : nullptr);
-    const auto out_view = effattn::bhsd(out.data(), B, H, N, D);
-    r.run(in(q, B), in(k, B), in(v, B), out_view, ws.get(), ws_size);  // warm-up: first touch of ws and out
+    call(B, ws.get(), ws_size);  // warm-up: first touch of ws and the outputs
     for (auto _ : st) {
-      r.run(in(q, B), in(k, B), in(v, B), out_view, ws.get(), ws_size);
+      call(B, ws.get(), ws_size);
       benchmark::DoNotOptimize(out.data());
+      benchmark::DoNotOptimize(dq.data());
       benchmark::ClobberMemory();
     }
-    bench::set_counters(st, c, bench::io_bytes_per_sequence(c, sizeof(T)) + r.parameter_bytes + scratch,
-                        static_cast<double>(ws_one));
+    // Inputs and output of a sequence, and for the backward dout, dq, dk, dv as well.
+    const double io = bench::io_bytes_per_sequence(c, sizeof(T)) * (c.backward ? 2 : 1);
+    bench::set_counters(st, c, io + r.parameter_bytes * (c.backward ? 2 : 1) + scratch, static_cast<double>(ws_one));
   };
 }
 

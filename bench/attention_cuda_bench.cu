@@ -251,6 +251,7 @@ size_t pool_high(cudaMemPool_t pool) {
 
 template <class T>
 std::function<void(benchmark::State&)> make_body(const bench::Case& c, const bench::Options& o) {
+  if (c.backward) return {};  // no CUDA backward yet
   const int64_t H = c.shape.heads, D = c.shape.dim, N = c.seq, B = c.batch;
   Runner<T> r = make_runner<T>(c.method, H, D);
   if (!r.run) return {};

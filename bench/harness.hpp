@@ -76,10 +76,14 @@ struct Case {
   std::string backend, type;
   Shape shape;
   int64_t seq = 0, batch = 1;
+  bool backward = false;  // time one forward and one backward (attention_backward) per call
 
   /// Matrix-product FLOPs of one call, counted as FlashAttention does (only the matrix
-  /// products, causal softmax halved); the approximations count their own products.
-  double flops() const {
+  /// products, causal softmax halved; a backward is 2.5 forwards, so forward + backward is 3.5);
+  /// the approximations count their own products, with the same 3.5 for forward + backward.
+  double flops() const { return forward_flops() * (backward ? 3.5 : 1.0); }
+
+  double forward_flops() const {
     const double B = batch, H = shape.heads, N = seq, D = shape.dim, M = method.size;
     switch (method.family) {
       case Family::standard:
@@ -105,7 +109,7 @@ struct Case {
   std::string name() const {
     std::ostringstream s;
     s << "suite:" << suite << "/method:" << method.name << "/backend:" << backend << "/type:" << type
-      << "/shape:" << shape.name << "/N:" << seq << "/B:" << batch;
+      << "/shape:" << shape.name << "/N:" << seq << "/B:" << batch << (backward ? "/pass:backward" : "");
     return s.str();
   }
 };
@@ -117,6 +121,7 @@ struct Options {
   std::vector<int64_t> seqs{512, 1024, 2048, 4096, 8192};
   std::vector<std::string> methods{"standard", "softmax", "nystrom-128", "proxy-128", "favor-256"};
   std::vector<std::string> types;            // empty: the backend's default (float)
+  std::vector<std::string> passes{"forward"};  // forward, backward (forward + backward per call)
   int64_t tokens = 16384;                    // batch B = max(1, tokens / N), as FlashAttention's bench
   double max_scores_mb = 4096;               // standard attention: skip when its H·N² scores exceed this
   std::string device;                        // a name for the table header; empty: the backend decides
@@ -140,6 +145,7 @@ struct Options {
         "  --seq=512,...,65536       sequence lengths of the table suite\n"
         "  --methods=standard,softmax,nystrom-128,proxy-128,favor-256[,softmax-causal,favor-256-causal]\n"
         "  --types=float[,double|half|bf16]   element types (default float)\n"
+        "  --pass=forward[,backward] backward: one forward and one attention_backward per call (table suite)\n"
         "  --tokens=16384            tokens per call: batch B = max(1, tokens / N)\n"
         "  --max-scores-mb=4096      skip standard attention when its H·N² score matrix exceeds this\n"
         "  --device=NAME --commit=HASH   recorded in the JSON context for the rendered table\n"
@@ -161,6 +167,11 @@ struct Options {
         for (const auto& s : split(value)) o.seqs.push_back(std::stoll(s));
       } else if (key == "--methods") o.methods = split(value);
       else if (key == "--types") o.types = split(value);
+      else if (key == "--pass") {
+        o.passes = split(value);
+        for (const auto& p : o.passes)
+          if (p != "forward" && p != "backward") throw std::invalid_argument("--pass takes forward, backward, not '" + p + "'");
+      }
       else if (key == "--tokens") o.tokens = std::stoll(value);
       else if (key == "--max-scores-mb") o.max_scores_mb = std::stod(value);
       else if (key == "--device") o.device = value;
@@ -204,8 +215,9 @@ inline std::vector<Case> table_cases(const Options& o, const std::string& backen
   for (const auto& shape_name : o.shapes)
     for (const auto& method : o.methods)
       for (int64_t n : o.seqs)
-        cases.push_back(Case{"table", MethodSpec::parse(method), backend, type, Options::shape(shape_name), n,
-                             std::max<int64_t>(1, o.tokens / n)});
+        for (const auto& pass : o.passes)
+          cases.push_back(Case{"table", MethodSpec::parse(method), backend, type, Options::shape(shape_name), n,
+                               std::max<int64_t>(1, o.tokens / n), pass == "backward"});
   return cases;
 }
 
@@ -279,7 +291,7 @@ inline int run_main(const Options& o, const std::vector<Case>& cases,
   for (const auto& c : cases) {
     auto body = make(c);
     if (!body) {
-      const std::string what = c.method.name + " (" + c.backend + ", " + c.type + ")";
+      const std::string what = c.method.name + (c.backward ? " backward" : "") + " (" + c.backend + ", " + c.type + ")";
       bool seen = false;
       for (const auto& m : missing) seen = seen || m == what;
       if (!seen) missing.push_back(what);

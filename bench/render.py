@@ -36,6 +36,7 @@ PEER_OF = (("softmax", "torch-sdpa"), ("softmax-causal", "torch-sdpa-causal"), (
            ("favor-{M}-causal", "performer-{M}-causal"))
 # Issue 13: effattn softmax >= 1.2x torch SDPA's throughput at every point, causal too.
 SDPA_GOAL = 1.2
+BACKWARD_GOAL = 3.0  # issue 11: effattn's backward takes at most 3x its forward's time
 
 
 def peer_of(method):
@@ -221,7 +222,75 @@ def render_tables(rows):
         out += [table(group, lambda r: r["tflops"], None, "Matrix-product TFLOP/s"), ""]
         out += paper_goals(group)
         out += peer_table(group)
+        if pass_ == "backward":
+            forward = groups_of(rows, "table").get((shape, backend, type_, "forward"), [])
+            out += backward_table(group, forward)
     return out
+
+
+def backward_table(group, forward):
+    """Backward time alone = (forward + backward) − forward, both from the same run and round:
+    its ratio to the forward per method (goal ≤ 3 for effattn), and effattn's backward speed over
+    its peers' (autograd) backward, each the median over the rounds."""
+    fwd = {(r["source"], r["session"], r["method"], r["N"]): r for r in forward if r["error"] is None}
+    seqs = sorted({r["N"] for r in group})
+
+    def backward_ms(r):
+        """Per round (or the one value): backward ms per sequence, None without its forward."""
+        f = fwd.get((r["source"], r["session"], r["method"], r["N"]))
+        if f is None or r["error"] is not None:
+            return None
+        rounds = sorted(set(r["per_round"]) & set(f["per_round"]))
+        if rounds:
+            return {k: r["per_round"][k]["ms_per_seq"] - f["per_round"][k]["ms_per_seq"] for k in rounds}
+        return {None: r["ms_per_seq"] - f["ms_per_seq"]}
+
+    lines = ["**Backward alone: time / forward time (median of rounds; effattn goal ≤ "
+             f"{BACKWARD_GOAL:.0f})**", "", "| method | " + " | ".join(f"N = {n}" for n in seqs) + " |",
+             "|---|" + "---:|" * len(seqs)]
+    worst = None
+    for m in sorted({r["method"] for r in group}, key=method_order):
+        cells = []
+        for n in seqs:
+            r = next((x for x in group if x["method"] == m and x["N"] == n and x["error"] is None), None)
+            b = backward_ms(r) if r is not None else None
+            if not b:
+                cells.append("")
+                continue
+            f = fwd[(r["source"], r["session"], m, n)]
+            ratios = [b[k] / (f["per_round"][k]["ms_per_seq"] if k is not None else f["ms_per_seq"]) for k in b]
+            x = median(ratios)
+            if not r["peer"]:
+                worst = x if worst is None else max(worst, x)
+            cells.append(f"{x:.2f}")
+        if any(cells):
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if worst is not None:
+        lines += ["", f"Largest effattn backward/forward ratio: {worst:.2f} (goal ≤ {BACKWARD_GOAL:.0f}: "
+                  f"{'met' if worst <= BACKWARD_GOAL else 'NOT met'})."]
+    # effattn's backward against the peers' backward, same session and round.
+    by = {(r["session"], r["method"], r["N"]): r for r in group if r["error"] is None}
+    pair_lines = []
+    for session, mine, theirs in sorted({(r["session"], r["method"], peer_of(r["method"])) for r in group
+                                         if not r["peer"] and peer_of(r["method"])}, key=lambda x: (str(x[0]), method_order(x[1]))):
+        cells = []
+        for n in seqs:
+            a, b = by.get((session, mine, n)), by.get((session, theirs, n))
+            ba, bb = (backward_ms(a) if a else None), (backward_ms(b) if b else None)
+            common = sorted(set(ba or {}) & set(bb or {}), key=str)
+            if not common:
+                cells.append("")
+                continue
+            ratios = [bb[k] / ba[k] for k in common if ba[k] > 0]
+            cells.append(f"**{median(ratios):.2f}×**" + (" (" + ", ".join(f"{x:.2f}" for x in ratios) + ")"
+                                                          if len(ratios) > 1 else "") if ratios else "")
+        if any(cells):
+            pair_lines.append(f"| {mine} / {theirs} | " + " | ".join(cells) + " |")
+    if pair_lines:
+        lines += ["", "**Backward alone, effattn vs peers: speed ratio effattn / peer (goals: ≥ 1 vs torch SDPA, "
+                  "≥ 3 vs the lucidrains packages)**", "", "| pair | " + " | ".join(f"N = {n}" for n in seqs) + " |",
+                  "|---|" + "---:|" * len(seqs)] + pair_lines
+    return lines + [""]
 
 
 def peer_table(group):

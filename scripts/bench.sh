@@ -118,6 +118,11 @@ if [ -n "$peers_python" ]; then
   if [ $backend = cpu ]; then
     sessions+=("double|--shapes lra --seq 1024,2048,4096 --types double --bench-methods softmax,softmax-causal
       --methods torch-sdpa,torch-sdpa-causal")
+    # Training: forward + backward against the peers' autograd (the CUDA backend has no backward yet).
+    sessions+=("lra-backward|--shapes lra --seq 1024,2048,4096,8192 --types float --pass forward,backward
+      --bench-methods softmax,nystrom-128,proxy-128,favor-256 --methods torch-sdpa,nystrom-attention-128,performer-256"
+      "fa64-backward|--shapes fa64 --seq 1024,2048,4096 --tokens 4096 --types float --pass forward,backward
+      --bench-methods softmax --methods torch-sdpa")
   fi
   jsons=()
   for s in "${sessions[@]}"; do
@@ -149,7 +154,7 @@ elif [ $backend = cuda ]; then
 else
   # The papers' range (Nyströmformer Table 1: 512..8192) on the LRA shape, and the targets.
   sweep=(--suite=table,targets --shapes=lra --seq=512,1024,2048,4096,8192
-         --methods=standard,softmax,nystrom-128,proxy-128,favor-256)
+         --methods=standard,softmax,nystrom-128,proxy-128,favor-256 --pass=forward,backward)
 fi
 mkdir -p "$out_dir"
 json=$out_dir/$name.json

@@ -246,7 +246,8 @@ def run_bench(args, suite, shape=None, N=None, round_=0):
         cmd.append(f"--commit={args.commit}")
     if suite == "table":
         cmd += [f"--shapes={shape}", f"--seq={N}", f"--methods={args.bench_methods}", f"--types={args.types_resolved}",
-                f"--tokens={tokens_for(args, shape)}", f"--max-scores-mb={args.max_scores_mb}"]
+                f"--tokens={tokens_for(args, shape)}", f"--max-scores-mb={args.max_scores_mb}",
+                f"--pass={args.passes}"]
     cmd += args.bench_arg
     try:
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if args.quiet else None)
