@@ -9,9 +9,7 @@
 // Each case draws finite inputs, computes the float64 reference on them, then makes one element
 // non-finite and runs the operator on an output prefilled with a finite sentinel: reached rows must
 // be NaN, zero rows exactly zero, every other row equal to the clean reference.
-// Tests the current operators fail are skipped as "pending: <owner's change>" (issue 14 item 4):
-// unskip them when that change lands (EFFATTN_RUN_PENDING=1 runs them meanwhile). (The float64 references in tests/reference/ do not follow the
-// rule: they are for finite inputs.)
+// (The float64 references in tests/reference/ do not follow the rule: they are for finite inputs.)
 #include <effattn/effattn.hpp>
 
 #include <functional>
@@ -20,11 +18,6 @@
 #include "reference/landmark.hpp"
 #include "reference/softmax.hpp"
 #include "test_util.hpp"
-
-/// Skips a test the current operators fail, naming the change it waits for, unless
-/// EFFATTN_RUN_PENDING is set (to try that change).
-#define PENDING(why) \
-  if (std::getenv("EFFATTN_RUN_PENDING") == nullptr) GTEST_SKIP() << "pending: " << why
 
 namespace {
 
@@ -320,7 +313,6 @@ TYPED_TEST_SUITE(NonFinite, Types);
 // ---- Softmax ------------------------------------------------------------------------------------
 
 TYPED_TEST(NonFinite, SoftmaxQueryReachesOnlyItsRow) {
-  PENDING("the softmax forward's non-finite rule (perf engineer, cpu/softmax_tiles.hpp; issue 14 item 4)");
   for (bool causal : {false, true}) {
     Config c;
     c.causal = causal;
@@ -339,7 +331,6 @@ TYPED_TEST(NonFinite, SoftmaxInvalidOrKeylessQueryRowStaysZero) {
 }
 
 TYPED_TEST(NonFinite, SoftmaxVisibleKeyOrValueReachesEveryRowThatSeesIt) {
-  PENDING("the softmax forward's non-finite rule (perf engineer, cpu/softmax_tiles.hpp; issue 14 item 4)");
   for (bool causal : {false, true}) {
     Config c;
     c.causal = causal;
@@ -350,7 +341,6 @@ TYPED_TEST(NonFinite, SoftmaxVisibleKeyOrValueReachesEveryRowThatSeesIt) {
 }
 
 TYPED_TEST(NonFinite, SoftmaxMaskedKeyReachesNothing) {
-  PENDING("the softmax forward's non-finite rule (perf engineer, cpu/softmax_tiles.hpp; issue 14 item 4)");
   for (bool causal : {false, true}) {
     Config c;
     c.causal = causal;
@@ -361,7 +351,6 @@ TYPED_TEST(NonFinite, SoftmaxMaskedKeyReachesNothing) {
 
 // Causal: a NaN key or value reaches the rows that see it, not the earlier rows of the same tiles.
 TYPED_TEST(NonFinite, SoftmaxCausallyHiddenKeyReachesNothing) {
-  PENDING("the softmax forward's non-finite rule (perf engineer, cpu/softmax_tiles.hpp; issue 14 item 4)");
   Config c;
   c.causal = true;
   c.masks = false;
@@ -387,7 +376,6 @@ TYPED_TEST(NonFinite, SoftmaxFiniteInputsGiveFiniteOutputs) {
 // ---- Nyström --------------------------------------------------------------------------------------
 
 TYPED_TEST(NonFinite, NystromQueryReachesEveryRowOfItsHead) {
-  PENDING("the landmark core's non-finite rule (lead, cpu/landmark.hpp) on top of the softmax tiles' (perf engineer, cpu/softmax_tiles.hpp); issue 14 item 4");
   Config c;
   query_case<TypeParam>(Op::nystrom, c, nan<TypeParam>());
   query_case<TypeParam>(Op::nystrom, c, inf<TypeParam>());
@@ -401,7 +389,6 @@ TYPED_TEST(NonFinite, NystromInvalidQueryReachesNothing) {
 }
 
 TYPED_TEST(NonFinite, NystromVisibleKeyOrValueReachesEveryRowOfTheGroup) {
-  PENDING("the landmark core's non-finite rule (lead, cpu/landmark.hpp) on top of the softmax tiles' (perf engineer, cpu/softmax_tiles.hpp); issue 14 item 4");
   Config c;
   key_case<TypeParam>(Op::nystrom, c, 'k', false);
   key_case<TypeParam>(Op::nystrom, c, 'v', false);
@@ -409,7 +396,6 @@ TYPED_TEST(NonFinite, NystromVisibleKeyOrValueReachesEveryRowOfTheGroup) {
 }
 
 TYPED_TEST(NonFinite, NystromMaskedKeyReachesNothing) {
-  PENDING("the landmark core's non-finite rule (lead, cpu/landmark.hpp) on top of the softmax tiles' (perf engineer, cpu/softmax_tiles.hpp); issue 14 item 4");
   Config c;
   key_case<TypeParam>(Op::nystrom, c, 'k', true);
   key_case<TypeParam>(Op::nystrom, c, 'k', true, inf<TypeParam>());
@@ -446,7 +432,6 @@ TYPED_TEST(NonFinite, NystromFiniteInputsStayFiniteAtManyIterations) {
 // ---- Proxy ----------------------------------------------------------------------------------------
 
 TYPED_TEST(NonFinite, ProxyQueryReachesOnlyItsRow) {
-  PENDING("the landmark core's non-finite rule (lead, cpu/landmark.hpp) on top of the softmax tiles' (perf engineer, cpu/softmax_tiles.hpp); issue 14 item 4");
   for (int64_t pb : {1, 2}) {
     Config c;
     c.proxy_batch = pb;
@@ -461,7 +446,6 @@ TYPED_TEST(NonFinite, ProxyInvalidQueryReachesNothing) {
 }
 
 TYPED_TEST(NonFinite, ProxyVisibleKeyOrValueReachesEveryRowOfTheSequence) {
-  PENDING("the landmark core's non-finite rule (lead, cpu/landmark.hpp) on top of the softmax tiles' (perf engineer, cpu/softmax_tiles.hpp); issue 14 item 4");
   for (int64_t pb : {1, 2}) {
     Config c;
     c.proxy_batch = pb;
@@ -472,14 +456,12 @@ TYPED_TEST(NonFinite, ProxyVisibleKeyOrValueReachesEveryRowOfTheSequence) {
 }
 
 TYPED_TEST(NonFinite, ProxyMaskedKeyReachesNothing) {
-  PENDING("the landmark core's non-finite rule (lead, cpu/landmark.hpp) on top of the softmax tiles' (perf engineer, cpu/softmax_tiles.hpp); issue 14 item 4");
   Config c;
   key_case<TypeParam>(Op::proxy, c, 'k', true);
   key_case<TypeParam>(Op::proxy, c, 'k', true, inf<TypeParam>());
 }
 
 TYPED_TEST(NonFinite, ProxyTokenReachesEveryRowThatUsesIt) {
-  PENDING("the landmark core's non-finite rule (lead, cpu/landmark.hpp) on top of the softmax tiles' (perf engineer, cpu/softmax_tiles.hpp); issue 14 item 4");
   for (int64_t pb : {1, 2})
     for (bool query_side : {true, false}) {
       Config c;

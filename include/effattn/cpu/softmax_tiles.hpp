@@ -511,10 +511,14 @@ void slow_row(const HeadAttention<T>& p, int64_t i, Wide<T>* acc) {
     if (p.lse != nullptr) p.lse[i * p.lse_stride] = lse;
   };
   const T nan = std::numeric_limits<T>::quiet_NaN();
-  for (int64_t c = 0; c < d; ++c)
-    if (non_finite(p.q(i, c))) return write(nan, nan);
   const int64_t key_end = p.causal ? std::min(p.k.rows, std::max<int64_t>(0, i + p.causal_offset + 1)) : p.k.rows;
   const auto allowed = [&](int64_t j) { return p.key_valid == nullptr || p.key_valid[j] != 0; };
+  // A row with no allowed key is zero whatever its query holds: its q reaches nothing.
+  bool keyless = true;
+  for (int64_t j = 0; j < key_end && keyless; ++j) keyless = !allowed(j);
+  if (keyless) return write(T(0), -std::numeric_limits<T>::infinity());
+  for (int64_t c = 0; c < d; ++c)
+    if (non_finite(p.q(i, c))) return write(nan, nan);
   const auto logit = [&](int64_t j) {
     Wd dot = 0;
     for (int64_t c = 0; c < d; ++c) dot += static_cast<Wd>(p.q(i, c)) * static_cast<Wd>(p.k(j, c));
