@@ -283,7 +283,8 @@ TYPED_TEST(FavorBackwardCpu, NonFiniteInputsReachTheRowsThatSeeThem) {
 }
 
 // An invalid key or query reaches nothing, NaN or not: the gradients are those of the same
-// problem with finite values there, and the invalid rows' gradients are zero.
+// problem with finite values there, and the invalid rows' gradients are zero. So does any query of
+// batch 1, which has no valid key (its rows are zero whatever q holds).
 TYPED_TEST(FavorBackwardCpu, MaskedNonFiniteInputsReachNothing) {
   EFFATTN_TRACE_SEED();
   using T = TypeParam;
@@ -301,13 +302,16 @@ TYPED_TEST(FavorBackwardCpu, MaskedNonFiniteInputsReachNothing) {
             set_first(p.v, b, 0, j, nan);
           }
         for (int64_t i = 0; i < 150; ++i)
-          if (!p.qm[b * 150 + i])
+          if (!p.qm[b * 150 + i] || b == 1)
             for (int64_t h = 0; h < 2; ++h) {
               set_first(p.q, b, h, i, nan);
               set_first(p.dout, b, h, i, nan);
             }
       }
       p.forward();
+      for (int64_t h = 0; h < 2; ++h)
+        for (int64_t i = 0; i < 150; ++i)
+          for (int64_t c = 0; c < 12; ++c) ASSERT_EQ(p.out.view(1, h, i, c), T(0)) << "keyless row " << i;
       GradData<T> g(p.q.view, p.k.view, p.v.view, Layout::bhsd);
       p.backward(g);
       g.expect_matches(r, tolerance<T>(condition));

@@ -106,6 +106,34 @@ TYPED_TEST(SoftmaxBackwardCpu, ThreadCountsAgree) {
   for (int threads : {1, 2, 3}) run_case<TypeParam>({2, 4, 2, 300, 300, 32, 32, true, true}, threads == 2, threads);
 }
 
+// A row that attends nothing (an invalid query, or with causal Nq > Nk a row before the first key)
+// has zero gradients, and a NaN in its q reaches no gradient (its forward row is zero too).
+TYPED_TEST(SoftmaxBackwardCpu, NonFiniteQueryOfAnInertRowReachesNoGradient) {
+  using T = TypeParam;
+  for (bool with_lse : {false, true}) {
+    const Case c{3, 2, 1, 70, 50, 16, 8, true, true};  // batch 1 has random masks (Problem)
+    SCOPED_TRACE(describe(c) + (with_lse ? " with lse" : ""));
+    EFFATTN_TRACE_SEED();
+    Problem<T> p(c);
+    const ref::Grads clean = p.reference();
+    auto& d = p.data;
+    int64_t invalid = -1;  // an invalid query of batch 1 that causal alone would let see keys
+    for (int64_t i = c.Nq - 1; i >= c.Nq - c.Nk && invalid < 0; --i)
+      if (p.qm[size_t(c.Nq + i)] == 0) invalid = i;
+    d.q.view(1, 1, 5, 3) = std::numeric_limits<T>::quiet_NaN();  // row 5 < Nq - Nk: no key yet
+    if (invalid >= 0) d.q.view(1, 0, invalid, 0) = std::numeric_limits<T>::quiet_NaN();  // none with prob. 0.8^50
+    GradData<T> g(d.q.view, d.k.view, d.v.view, c.layout);
+    if (with_lse)
+      effattn::attention_backward_with_lse<effattn::Cpu>(p.method(), d.q.cview(), d.k.cview(), d.v.cview(),
+                                                         d.out.cview(), p.dout.cview(), p.lse.cview(), g.grads(),
+                                                         p.masks);
+    else
+      effattn::attention_backward<effattn::Cpu>(p.method(), d.q.cview(), d.k.cview(), d.v.cview(), d.out.cview(),
+                                                p.dout.cview(), g.grads(), p.masks);
+    g.expect_matches(clean, cpu_tolerance<T>());
+  }
+}
+
 // The reference backward is checked on its own against central differences of the reference
 // forward, for random directions in every input at once (double throughout).
 TEST(SoftmaxBackwardReference, MatchesFiniteDifferencesOfTheForward) {

@@ -214,7 +214,10 @@ class Runner {
   using Column = detail_tiles::Column<T>;
 
  public:
-  Runner(const Head<T>& p, const Sizes& s, const Scratch<T>& sc) : p_(p), s_(s), sc_(sc) {}
+  Runner(const Head<T>& p, const Sizes& s, const Scratch<T>& sc) : p_(p), s_(s), sc_(sc) {
+    first_key_ = 0;
+    while (first_key_ < p_.k.rows && !key_ok(first_key_)) ++first_key_;
+  }
 
   /// Loads W (one head of the float projection, [M, D] strided) times sqrt(scale) into scratch.
   void load_projection(const Tensor<const float>& proj, int64_t head) {
@@ -252,6 +255,9 @@ class Runner {
  private:
   bool key_ok(int64_t j) const { return p_.key_valid == nullptr || p_.key_valid[j] != 0; }
   bool query_ok(int64_t i) const { return p_.query_valid == nullptr || p_.query_valid[i] != 0; }
+  bool sees_a_key(int64_t i) const {
+    return first_key_ < (p_.causal ? std::min(p_.k.rows, i + p_.causal_offset + 1) : p_.k.rows);
+  }
   static RowMap rows(T* data, int64_t n, int64_t cols) { return RowMap(data, n, cols, Eigen::OuterStride<>(cols)); }
   RowMap W() const { return rows(sc_.w, s_.M, s_.D); }
   RowMap S() const { return rows(sc_.S, s_.Mf, s_.Dv); }
@@ -423,7 +429,7 @@ class Runner {
   /// 1/den for query i, or 0 where the forward writes a zero row: an invalid query, den = 0 (no
   /// visible valid key), a trig normalizer that cancels below 1/max. A non-finite den gives NaN.
   T inverse(int64_t i, T den) const {
-    if (!query_ok(i)) return 0;
+    if (!query_ok(i) || !sees_a_key(i)) return 0;  // whatever q_i holds: it reaches nothing
     if (!std::isfinite(den)) return std::numeric_limits<T>::quiet_NaN();
     const T inv = T(1) / den;
     return std::isfinite(inv) ? inv : T(0);
@@ -686,6 +692,7 @@ class Runner {
   Sizes s_;
   Scratch<T> sc_;
   KeyScale ks_;
+  int64_t first_key_ = 0;  // the first valid key (k.rows if none): row i has a key iff it sees it
 };
 
 }  // namespace favor

@@ -870,11 +870,13 @@ void backward_rows(const HeadAttentionGrad<T>& g, int64_t i0, int64_t i1, detail
     });
     for (int64_t r = 0; r < bq; ++r) lse(r) = row_sum(r) > T(0) ? lse(r) + std::log(row_sum(r)) : kNegInf;
   }
-  // A row that attends nothing (invalid query, no allowed key) takes no part: P = 0 there.
+  // A row that attends nothing (invalid query, no allowed key) takes no part: P = 0 there, and its
+  // q row (even a NaN one) is zeroed so that 0 · q cannot reach dk.
   bool any_live = false;
   for (int64_t r = 0; r < bq; ++r) {
     if (!query_ok(r) || lse(r) == kNegInf) {
       lse(r) = std::numeric_limits<T>::infinity();  // exp(s − inf) = 0
+      q.row(r).setZero();
       dout.row(r).setZero();
       delta(r) = 0;
     } else {
