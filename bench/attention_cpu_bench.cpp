@@ -10,6 +10,8 @@
 #include <cstdlib>
 #include <effattn/effattn.hpp>
 #include <memory>
+#include <type_traits>
+#include <vector>
 
 #include "harness.hpp"
 
@@ -30,6 +32,9 @@ struct Runner {
                      Tensor<T>, Tensor<T>, void*, size_t)>
       backward;
   Sizes backward_workspace;
+  // The forward of a training step where it keeps more for the backward than `out` (softmax: the
+  // per-row log-sum-exp, as torch's autograd keeps it); empty: `run`.
+  std::function<void(Tensor<const T>, Tensor<const T>, Tensor<const T>, Tensor<T>, void*, size_t)> train_forward;
   size_t parameter_bytes = 0;  // proxy tokens or random features, counted with the inputs
   std::shared_ptr<void> storage;
 };
@@ -61,6 +66,26 @@ Runner<T> library(Method m, std::shared_ptr<void> storage = nullptr, size_t para
   r.backward_workspace = [m](Tensor<const T> q, Tensor<const T> k, Tensor<const T> v) {
     return effattn::backward_workspace_bytes<effattn::Cpu>(m, q, k, v);
   };
+  if constexpr (std::is_same_v<Method, effattn::Softmax>) {
+    // Training: the forward writes lse and the backward reads it instead of recomputing the rows'
+    // statistics (one Q·Kᵀ pass fewer).
+    auto lse = std::make_shared<std::vector<effattn::acc_t<T>>>();
+    const auto lse_view = [lse](Tensor<const T> q) {
+      lse->resize(static_cast<size_t>(q.shape[0] * q.shape[1] * q.shape[2]));
+      return effattn::bhsd(lse->data(), q.shape[0], q.shape[1], q.shape[2], 1);
+    };
+    r.train_forward = [m, exec_of, lse_view](Tensor<const T> q, Tensor<const T> k, Tensor<const T> v, Tensor<T> out,
+                                             void* ws, size_t ws_size) {
+      effattn::attention_with_lse<effattn::Cpu>(m, q, k, v, out, lse_view(q), {}, exec_of(ws, ws_size));
+    };
+    r.backward = [m, exec_of, lse_view](Tensor<const T> q, Tensor<const T> k, Tensor<const T> v, Tensor<const T> out,
+                                        Tensor<const T> dout, Tensor<T> dq, Tensor<T> dk, Tensor<T> dv, void* ws,
+                                        size_t ws_size) {
+      const effattn::Tensor<const effattn::acc_t<T>> lse = lse_view(q);
+      effattn::attention_backward_with_lse<effattn::Cpu>(m, q, k, v, out, dout, lse, effattn::Grads<T>{dq, dk, dv, {}, {}},
+                                                         {}, exec_of(ws, ws_size));
+    };
+  }
   r.storage = std::move(storage);
   r.parameter_bytes = parameter_bytes;
   return r;
@@ -201,7 +226,7 @@ std::function<void(benchmark::State&)> make_body(const bench::Case& c, const ben
     const auto mut = [&](std::vector<T>& x, int64_t b) { return effattn::bhsd(x.data(), b, H, N, D); };
     // One call of the case on the first b sequences: forward, then (backward cases) backward.
     const auto call = [&](int64_t b, void* ws, size_t ws_size) {
-      r.run(in(q, b), in(k, b), in(v, b), mut(out, b), ws, ws_size);
+      (c.backward && r.train_forward ? r.train_forward : r.run)(in(q, b), in(k, b), in(v, b), mut(out, b), ws, ws_size);
       if (c.backward)
         r.backward(in(q, b), in(k, b), in(v, b), in(out, b), in(dout, b), mut(dq, b), mut(dk, b), mut(dv, b), ws,
                    ws_size);

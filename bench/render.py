@@ -221,7 +221,7 @@ def render_tables(rows):
                       f"Memory per sequence, MB (relative to {' / '.join(refs)} of the same run)"), ""]
         out += [table(group, lambda r: r["tflops"], None, "Matrix-product TFLOP/s"), ""]
         out += paper_goals(group)
-        out += peer_table(group)
+        out += peer_table(group, issue13_goal=pass_ != "backward")
         if pass_ == "backward":
             forward = groups_of(rows, "table").get((shape, backend, type_, "forward"), [])
             out += backward_table(group, forward)
@@ -293,9 +293,10 @@ def backward_table(group, forward):
     return lines + [""]
 
 
-def peer_table(group):
+def peer_table(group, issue13_goal=True):
     """effattn vs its peers (same session), throughput ratio effattn/peer: the median of the
-    per-round ratios, and the rounds' ratios in brackets (entries without rounds: the one ratio)."""
+    per-round ratios, and the rounds' ratios in brackets (entries without rounds: the one ratio).
+    issue13_goal: check issue 13's forward goal (not for forward + backward rows)."""
     seqs = sorted({r["N"] for r in group})
     by = {(r["session"], r["method"], r["N"]): r for r in group if r["error"] is None}
     lines, goal_cells = [], []
@@ -315,7 +316,7 @@ def peer_table(group):
                 ratios = [b["ms_per_seq"] / a["ms_per_seq"]]
             m = median(ratios)
             cells.append(f"**{m:.2f}×**" + (" (" + ", ".join(f"{x:.2f}" for x in ratios) + ")" if len(ratios) > 1 else ""))
-            if mine in ("softmax", "softmax-causal"):
+            if issue13_goal and mine in ("softmax", "softmax-causal"):  # a forward goal
                 goal_cells.append((mine, n, m))
         if any(cells):
             lines.append(f"| {mine} / {theirs} | " + " | ".join(cells) + " |")
@@ -478,7 +479,9 @@ def plot(rows, path):
         return False
     fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.6 * len(groups)), squeeze=False)
     for (key, group), (ax_t, ax_m) in zip(groups, axes):
-        shape, backend, type_ = key
+        shape, backend, type_, pass_ = key
+        if pass_ == "backward":
+            type_ += ", fwd+bwd"
         methods = sorted({r["method"] for r in group}, key=method_order)
         for i, m in enumerate(methods):
             pts = sorted((r["N"], r) for r in group if r["method"] == m and r["error"] is None)
