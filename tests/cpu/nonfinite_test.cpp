@@ -13,6 +13,7 @@
 #include <effattn/effattn.hpp>
 
 #include <functional>
+#include <initializer_list>
 #include <type_traits>
 
 #include "reference/landmark.hpp"
@@ -373,6 +374,22 @@ TYPED_TEST(NonFinite, SoftmaxFiniteInputsGiveFiniteOutputs) {
     }
 }
 
+/// Finite inputs (std 1.5, 5, 30; an empty sequence in the batch) stay finite for a landmark
+/// operator at each iteration count, `draws` fresh draws per setting.
+template <class T>
+void finite_sweep(Op op, std::initializer_list<int> iteration_counts, int draws) {
+  for (double stddev : {1.5, 5.0, 30.0})
+    for (int iterations : iteration_counts)
+      for (int draw = 0; draw < draws; ++draw) {
+        Config c;
+        c.empty_sequence = true;
+        c.input_std = stddev;
+        c.iterations = iterations;
+        c.D = 32;
+        finite_case<T>(op, c);
+      }
+}
+
 // ---- Nyström --------------------------------------------------------------------------------------
 
 TYPED_TEST(NonFinite, NystromQueryReachesEveryRowOfItsHead) {
@@ -402,31 +419,14 @@ TYPED_TEST(NonFinite, NystromMaskedKeyReachesNothing) {
 }
 
 TYPED_TEST(NonFinite, NystromFiniteInputsGiveFiniteOutputs) {
-  for (double stddev : {1.5, 5.0, 30.0})
-    for (int iterations : {0, 1, 6}) {
-      Config c;
-      c.empty_sequence = true;
-      c.input_std = stddev;
-      c.iterations = iterations;
-      c.D = 32;
-      finite_case<TypeParam>(Op::nystrom, c);
-    }
+  finite_sweep<TypeParam>(Op::nystrom, {0, 1, 6}, 1);
 }
 
 // Beyond the default iterations an unguarded Newton–Schulz diverges (before item 1's guard: float
 // Proxy at std 5 and 60 iterations in 5 of 25 seeded runs, 200 iterations every time); several
 // draws per setting.
 TYPED_TEST(NonFinite, NystromFiniteInputsStayFiniteAtManyIterations) {
-  for (double stddev : {1.5, 5.0, 30.0})
-    for (int iterations : {20, 60, 200})
-      for (int rep = 0; rep < 4; ++rep) {
-        Config c;
-        c.empty_sequence = true;
-        c.input_std = stddev;
-        c.iterations = iterations;
-        c.D = 32;
-        finite_case<TypeParam>(Op::nystrom, c);
-      }
+  finite_sweep<TypeParam>(Op::nystrom, {20, 60, 200}, 4);
 }
 
 // ---- Proxy ----------------------------------------------------------------------------------------
@@ -471,31 +471,14 @@ TYPED_TEST(NonFinite, ProxyTokenReachesEveryRowThatUsesIt) {
 }
 
 TYPED_TEST(NonFinite, ProxyFiniteInputsGiveFiniteOutputs) {
-  for (double stddev : {1.5, 5.0, 30.0})
-    for (int iterations : {0, 1, 6}) {
-      Config c;
-      c.empty_sequence = true;
-      c.input_std = stddev;
-      c.iterations = iterations;
-      c.D = 32;
-      finite_case<TypeParam>(Op::proxy, c);
-    }
+  finite_sweep<TypeParam>(Op::proxy, {0, 1, 6}, 1);
 }
 
 // Beyond the default iterations an unguarded Newton–Schulz diverges (before item 1's guard: float
 // Proxy at std 5 and 60 iterations in 5 of 25 seeded runs, 200 iterations every time); several
 // draws per setting.
 TYPED_TEST(NonFinite, ProxyFiniteInputsStayFiniteAtManyIterations) {
-  for (double stddev : {1.5, 5.0, 30.0})
-    for (int iterations : {20, 60, 200})
-      for (int rep = 0; rep < 4; ++rep) {
-        Config c;
-        c.empty_sequence = true;
-        c.input_std = stddev;
-        c.iterations = iterations;
-        c.D = 32;
-        finite_case<TypeParam>(Op::proxy, c);
-      }
+  finite_sweep<TypeParam>(Op::proxy, {20, 60, 200}, 4);
 }
 
 }  // namespace
