@@ -484,7 +484,11 @@ def plot(rows, path):
             type_ += ", fwd+bwd"
         methods = sorted({r["method"] for r in group}, key=method_order)
         for i, m in enumerate(methods):
-            pts = sorted((r["N"], r) for r in group if r["method"] == m and r["error"] is None)
+            first = {}  # one point per N (two sessions may both measure a method at an N)
+            for r in group:
+                if r["method"] == m and r["error"] is None:
+                    first.setdefault(r["N"], r)
+            pts = sorted(first.items(), key=lambda x: x[0])
             if not pts:
                 continue
             peer = any(r["peer"] for _, r in pts)  # peers' lines are dashed
