@@ -90,6 +90,26 @@ ConstRowMap<T> rows_of(const MatrixView<const T>& m, int64_t r0, int64_t n, T* b
   return ConstRowMap<T>(buf, n, m.cols, Eigen::OuterStride<>(m.cols));
 }
 
+/// Rows [r0, r0 + n) of m packed into buf with the rows where keep[r] == 0 zeroed, so a masked
+/// key's values (even NaN) cannot reach a product through 0 · x.
+template <class T>
+ConstRowMap<T> rows_masked(const MatrixView<const T>& m, int64_t r0, int64_t n, const T* keep, T* buf) {
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c = 0; c < m.cols; ++c) buf[r * m.cols + c] = keep[r] != T(0) ? m(r0 + r, c) : T(0);
+  return ConstRowMap<T>(buf, n, m.cols, Eigen::OuterStride<>(m.cols));
+}
+
+/// rows [r0, r0 + n) of m += a, through a map when rows are unit-stride, else element by element.
+template <class T, class Expr>
+void add_rows(const MatrixView<T>& m, int64_t r0, const Expr& a) {
+  if (m.col_stride == 1) {
+    RowMap<T>(m.data + r0 * m.row_stride, a.rows(), a.cols(), Eigen::OuterStride<>(m.row_stride)) += a;
+    return;
+  }
+  for (int64_t r = 0; r < a.rows(); ++r)
+    for (int64_t c = 0; c < a.cols(); ++c) m(r0 + r, c) += a(r, c);
+}
+
 /// The wider type exceptional rows are recomputed in.
 template <class T>
 using Wide = std::conditional_t<std::is_same_v<T, float>, double, long double>;
@@ -740,6 +760,16 @@ void attend_head(const HeadAttention<T>& p, detail::Arena scratch) {
 // FlashAttention-2's backward on the CPU, one query tile at a time: with P = exp(S − lse) recomputed
 // per (query tile, key tile), dV_j += Pᵀ dO, dP = dO Vᵀ, dS = P ∘ (dP − D) with D_i = dO_i · O_i,
 // dK_j += s dSᵀ Q and dQ_i += s dS K. Nothing Nq × Nk is stored: scratch is a few tiles.
+//
+// The forward's layout and micro-kernels, queries in the SIMD lanes. Per key tile (masked keys
+// dropped from the list), per block of W query rows:
+//   Sᵀ  = K·Qᵀ (qk_block, Qᵀ carrying s·log2 e)      Pᵀ = 2^(Sᵀ − lse·log2 e)  (exp2_neg)
+//   dPᵀ = V·dOᵀ (qk_block)                           dSᵀ = Pᵀ ∘ (dPᵀ − D)
+//   dQᵀ += Kᵀ·dSᵀ (pv_block)
+// then, over the whole query tile, the sums across lanes: dV_j += Σ_i P_ij dO_i and
+// dK_j += Σ_i dS_ij (s q_i) (key_rows below), straight into the caller's rows. A product with a
+// hidden (causal) or dead entry is skipped rather than multiplied by 0, so a non-finite value
+// reaches exactly the gradients the forward's value reaches.
 
 /// One head of the softmax backward: the forward's problem plus out, dout and the gradients.
 /// dq rows are written; dk and dv are accumulated (+=), so a caller sums a group of query heads
@@ -753,34 +783,124 @@ struct HeadAttentionGrad {
   MatrixView<T> dq, dk, dv;             // [nq, d] written; [nk, d], [nk, dv] accumulated
 };
 
+/// Keys per tile of the backward: Pᵀ and dSᵀ of a whole query tile stay in scratch for key_rows.
+struct BackwardTiles {
+  static constexpr int64_t kKey = 128;
+};
+
 /// Scratch bytes one thread needs for backward_rows with head dims d, dv.
 template <class T>
 constexpr size_t backward_scratch_bytes(int64_t d, int64_t dv) {
   using detail::bytes_of;
-  const size_t q = Tiles::kQuery, k = Tiles::kKey;
-  return 2 * bytes_of<T>(q * d) + bytes_of<T>(q * dv) + 2 * bytes_of<T>(k * d) + 2 * bytes_of<T>(k * dv) +
-         2 * bytes_of<T>(q * k) + 3 * bytes_of<T>(q) + bytes_of<T>(k);
+  const size_t q = Tiles::kQuery, k = BackwardTiles::kKey;
+  return 3 * bytes_of<T>(q * d) +              // Qᵀ (log2 units), s·Q rows, dQᵀ
+         2 * bytes_of<T>(q * dv) +             // dOᵀ, dO rows
+         2 * bytes_of<T>(q * k) +              // Pᵀ, dSᵀ of every block
+         5 * bytes_of<T>(q) +                  // lse·log2 e, D, live lanes, running max and sum
+         2 * bytes_of<const T*>(k) +           // key and value row pointers of a key tile
+         3 * bytes_of<int64_t>(k);             // key indices, diagonal thresholds, first rows
 }
 
 namespace detail_tiles {
-/// rows [r0, r0 + n) of m += a, through a map when rows are unit-stride, else element by element.
-template <class T, class Expr>
-void add_rows(const MatrixView<T>& m, int64_t r0, const Expr& a) {
-  if (m.col_stride == 1) {
-    RowMap<T>(m.data + r0 * m.row_stride, a.rows(), a.cols(), Eigen::OuterStride<>(m.row_stride)) += a;
-    return;
+/// Rows [jj, jj + KK) of dX += Σ_i A_i,jj b_i for columns [c0, c0 + NC·|Pk|): A_i,j is
+/// at[(i / W)·kKey·W + j·W + i % W] (the blocks' Pᵀ or dSᵀ), b rows [ldb] apart, and key jj + kk
+/// sees rows i >= first[kk] only (i < i_end). Rows before every first are not visited; rows
+/// between the smallest and the largest first take the masked path (the product is skipped, so
+/// 0 · NaN cannot reach the key). x_row[kk] points at the output row, col_stride apart.
+template <class T, class Pk, int KK, int NC>
+EIGEN_ALWAYS_INLINE void key_rows_micro(const T* at, const T* b, int64_t ldb, const int64_t* first, int64_t i_end,
+                                        T* const* x_row, int64_t col_stride) {
+  using namespace Eigen::internal;
+  constexpr int W = Simd<T>::W, Lp = unpacket_traits<Pk>::size;
+  constexpr int64_t kBlock = BackwardTiles::kKey * W;
+  int64_t lo = first[0], hi = first[0];
+  EFFATTN_UNROLL
+  for (int kk = 1; kk < KK; ++kk) lo = std::min(lo, first[kk]), hi = std::max(hi, first[kk]);
+  hi = std::min(hi, i_end);
+  Pk acc[KK][NC];
+  EFFATTN_UNROLL
+  for (int kk = 0; kk < KK; ++kk)
+    EFFATTN_UNROLL
+    for (int nc = 0; nc < NC; ++nc) acc[kk][nc] = pset1<Pk>(T(0));
+  for (int64_t i = lo; i < hi; ++i) {  // keys start at different rows (causal diagonal)
+    const T* a = at + (i / W) * kBlock + i % W;
+    const T* br = b + i * ldb;
+    EFFATTN_UNROLL
+    for (int kk = 0; kk < KK; ++kk) {
+      if (i < first[kk]) continue;
+      const Pk av = pset1<Pk>(a[kk * W]);
+      EFFATTN_UNROLL
+      for (int nc = 0; nc < NC; ++nc) acc[kk][nc] = pmadd(av, ploadu<Pk>(br + nc * Lp), acc[kk][nc]);
+    }
   }
-  for (int64_t r = 0; r < a.rows(); ++r)
-    for (int64_t c = 0; c < a.cols(); ++c) m(r0 + r, c) += a(r, c);
+  for (int64_t i = hi; i < i_end;) {  // whole rows, block by block
+    const T* a = at + (i / W) * kBlock;
+    const int64_t lane_end = std::min<int64_t>(W, i_end - i + i % W);
+    for (int64_t lane = i % W; lane < lane_end; ++lane, ++i) {
+      const T* br = b + i * ldb;
+      Pk bv[NC];
+      EFFATTN_UNROLL
+      for (int nc = 0; nc < NC; ++nc) bv[nc] = ploadu<Pk>(br + nc * Lp);
+      EFFATTN_UNROLL
+      for (int kk = 0; kk < KK; ++kk) {
+        const Pk av = pset1<Pk>(a[kk * W + lane]);
+        EFFATTN_UNROLL
+        for (int nc = 0; nc < NC; ++nc) acc[kk][nc] = pmadd(av, bv[nc], acc[kk][nc]);
+      }
+    }
+  }
+  EFFATTN_UNROLL
+  for (int kk = 0; kk < KK; ++kk)
+    EFFATTN_UNROLL
+    for (int nc = 0; nc < NC; ++nc) {
+      T* x = x_row[kk] + nc * Lp * col_stride;
+      if (col_stride == 1) {
+        pstoreu(x, padd(ploadu<Pk>(x), acc[kk][nc]));
+      } else {
+        T lanes[Lp];
+        pstoreu(lanes, acc[kk][nc]);
+        for (int l = 0; l < Lp; ++l) x[l * col_stride] += lanes[l];
+      }
+    }
 }
 
-/// Rows [r0, r0 + n) of m packed into buf with the rows where keep[r] == 0 zeroed, so a masked
-/// key's values (even NaN) cannot reach a product through 0 · x.
+/// Keys [jj, jj + KK) of key_rows, every column: 2-packet, 1-packet and scalar column groups.
+template <class T, int KK>
+EIGEN_ALWAYS_INLINE void key_rows_group(const T* at, int64_t jj, const T* b, int64_t ldb, int64_t cols,
+                                        const int64_t* first, int64_t i_end, const MatrixView<T>& x,
+                                        const int64_t* kidx) {
+  using P = typename Simd<T>::P;
+  constexpr int L = Simd<T>::L;
+  T* x_row[KK];
+  EFFATTN_UNROLL
+  for (int kk = 0; kk < KK; ++kk) x_row[kk] = x.data + kidx[jj + kk] * x.row_stride;
+  const T* a = at + jj * Simd<T>::W;
+  const int64_t cs = x.col_stride;
+  const auto shift = [&](int64_t c) {
+    EFFATTN_UNROLL
+    for (int kk = 0; kk < KK; ++kk) x_row[kk] += c * cs;
+  };
+  int64_t c = 0;
+  for (; c + 2 * L <= cols; c += 2 * L, shift(2 * L)) key_rows_micro<T, P, KK, 2>(a, b + c, ldb, first + jj, i_end, x_row, cs);
+  if (c + L <= cols) key_rows_micro<T, P, KK, 1>(a, b + c, ldb, first + jj, i_end, x_row, cs), c += L, shift(L);
+  if constexpr (L > 1)
+    for (; c < cols; ++c, shift(1)) key_rows_micro<T, T, KK, 1>(a, b + c, ldb, first + jj, i_end, x_row, cs);
+}
+
+/// x rows kidx[jj] (jj < n) += Σ_i A_i,jj b_i over rows i in [first[jj], i_end): key_rows_group
+/// over groups of keys, the remainder by powers of two.
 template <class T>
-ConstRowMap<T> rows_masked(const MatrixView<const T>& m, int64_t r0, int64_t n, const T* keep, T* buf) {
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t c = 0; c < m.cols; ++c) buf[r * m.cols + c] = keep[r] != T(0) ? m(r0 + r, c) : T(0);
-  return ConstRowMap<T>(buf, n, m.cols, Eigen::OuterStride<>(m.cols));
+void key_rows(const T* at, int64_t n, const T* b, int64_t ldb, int64_t cols, const int64_t* first, int64_t i_end,
+              const MatrixView<T>& x, const int64_t* kidx) {
+  constexpr int KJ = Simd<T>::KJ;
+  int64_t jj = 0;
+  for (; jj + KJ <= n; jj += KJ) key_rows_group<T, KJ>(at, jj, b, ldb, cols, first, i_end, x, kidx);
+  const int64_t rest = n - jj;
+  if constexpr (KJ > 8)
+    if (rest & 8) key_rows_group<T, 8>(at, jj, b, ldb, cols, first, i_end, x, kidx), jj += 8;
+  if (rest & 4) key_rows_group<T, 4>(at, jj, b, ldb, cols, first, i_end, x, kidx), jj += 4;
+  if (rest & 2) key_rows_group<T, 2>(at, jj, b, ldb, cols, first, i_end, x, kidx), jj += 2;
+  if (rest & 1) key_rows_group<T, 1>(at, jj, b, ldb, cols, first, i_end, x, kidx);
 }
 }  // namespace detail_tiles
 
@@ -790,122 +910,173 @@ ConstRowMap<T> rows_masked(const MatrixView<const T>& m, int64_t r0, int64_t n, 
 template <class T>
 void backward_rows(const HeadAttentionGrad<T>& g, int64_t i0, int64_t i1, detail::Arena scratch) {
   using namespace detail_tiles;
-  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  using namespace Eigen::internal;
+  using S = Simd<T>;
+  using P = typename S::P;
+  constexpr int IB = S::IB, L = S::L, W = S::W;
+  constexpr int64_t kQ = Tiles::kQuery, kK = BackwardTiles::kKey;
+  constexpr T kInf = std::numeric_limits<T>::infinity();
   const HeadAttention<T>& p = g.fwd;
   const int64_t bq = i1 - i0, d = p.q.cols, dv = p.v.cols, nk = p.k.rows;
-  RowMap<T> q(scratch.take<T>(Tiles::kQuery * d), bq, d, Eigen::OuterStride<>(d));  // s · q rows
-  RowMap<T> dq(scratch.take<T>(Tiles::kQuery * d), bq, d, Eigen::OuterStride<>(d));
-  RowMap<T> dout(scratch.take<T>(Tiles::kQuery * dv), bq, dv, Eigen::OuterStride<>(dv));
-  T* k_buf = scratch.take<T>(Tiles::kKey * d);
-  T* v_buf = scratch.take<T>(Tiles::kKey * dv);
-  RowMap<T> dk_tile(scratch.take<T>(Tiles::kKey * d), Tiles::kKey, d, Eigen::OuterStride<>(d));
-  RowMap<T> dv_tile(scratch.take<T>(Tiles::kKey * dv), Tiles::kKey, dv, Eigen::OuterStride<>(dv));
-  RowMap<T> s(scratch.take<T>(Tiles::kQuery * Tiles::kKey), bq, Tiles::kKey, Eigen::OuterStride<>(Tiles::kKey));
-  RowMap<T> dp(scratch.take<T>(Tiles::kQuery * Tiles::kKey), bq, Tiles::kKey, Eigen::OuterStride<>(Tiles::kKey));
-  Column<T> lse(scratch.take<T>(Tiles::kQuery), bq);
-  Column<T> row_sum(scratch.take<T>(Tiles::kQuery), bq);  // the stats pass's running sum
-  Column<T> delta(scratch.take<T>(Tiles::kQuery), bq);    // D_i = dO_i · O_i
-  T* key_ok = scratch.take<T>(Tiles::kKey);
+  const int64_t blocks = (bq + W - 1) / W, bqp = blocks * W;
+  T* qt = scratch.take<T>(kQ * d);     // Qᵀ · s·log2 e, zero-padded
+  T* qs = scratch.take<T>(kQ * d);     // s·Q rows
+  T* dqt = scratch.take<T>(kQ * d);    // dQᵀ / s
+  T* dot = scratch.take<T>(kQ * dv);   // dOᵀ, zero-padded
+  T* dor = scratch.take<T>(kQ * dv);   // dO rows
+  T* pt = scratch.take<T>(kQ * kK);    // Pᵀ of each block, [block][key][lane]
+  T* dst = scratch.take<T>(kQ * kK);   // dPᵀ, then dSᵀ
+  T* lse2 = scratch.take<T>(kQ);       // lse · log2 e; +inf for a dead row (P = 0)
+  T* delta = scratch.take<T>(kQ);      // D_i = dO_i · O_i
+  T* live = scratch.take<T>(kQ);       // 1 for a row that attends something
+  T* row_max = scratch.take<T>(kQ);    // the statistics pass (no lse given)
+  T* row_sum = scratch.take<T>(kQ);
+  const T** krow = scratch.take<const T*>(kK);
+  const T** vrow = scratch.take<const T*>(kK);
+  int64_t* kidx = scratch.take<int64_t>(kK);
+  int64_t* thr = scratch.take<int64_t>(kK);
+  int64_t* first = scratch.take<int64_t>(kK);
 
+  const T log2e = static_cast<T>(1.442695040888963407359924681001892137L);
+  const T factor = static_cast<T>(static_cast<Wide<T>>(p.scale) * static_cast<Wide<T>>(log2e));
+  // An invalid query's values (even NaN) must reach nothing: its rows are zeros from the start.
   const auto query_ok = [&](int64_t r) { return p.query_valid == nullptr || p.query_valid[i0 + r] != 0; };
-  for (int64_t r = 0; r < bq; ++r) {
-    const bool live = query_ok(r);  // an invalid query's values (even NaN) must not reach dk, dv
-    for (int64_t c = 0; c < d; ++c) q(r, c) = live ? p.q(i0 + r, c) * p.scale : T(0);
-    T dot = 0;
-    for (int64_t c = 0; c < dv; ++c) {
-      dout(r, c) = live ? g.dout(i0 + r, c) : T(0);
-      dot += dout(r, c) * g.out(i0 + r, c);
-    }
-    delta(r) = live ? dot : T(0);
-  }
-  dq.setZero();
+  transpose_scaled(&p.q(i0, 0), p.q.row_stride, p.q.col_stride, bq, d, factor, qt, kQ, 1);
+  for (int64_t r = 0; r < bqp; ++r)
+    if (r >= bq || !query_ok(r))
+      for (int64_t c = 0; c < d; ++c) qt[c * kQ + r] = T(0);
 
-  const int64_t key_end = p.causal ? std::min(nk, i1 - 1 + p.causal_offset + 1) : nk;
-  // Visits every key tile that holds an allowed key of this query tile; `body(j0, bk, k, sb)` gets
-  // the tile's logits sb (disallowed ones -inf) and a way to hide them again (`hide(value)`).
-  const auto for_each_tile = [&](auto&& body) {
-    for (int64_t j0 = 0; j0 < key_end; j0 += Tiles::kKey) {
-      const int64_t bk = std::min(Tiles::kKey, key_end - j0);
-      int64_t valid = bk;
-      if (p.key_valid != nullptr) {
-        valid = 0;
-        for (int64_t c = 0; c < bk; ++c) valid += (key_ok[c] = p.key_valid[j0 + c] ? T(1) : T(0)) != T(0);
-        if (valid == 0) continue;
-      }
-      const bool diagonal = p.causal && j0 + bk - 1 > i0 + p.causal_offset;
-      const auto k = valid < bk ? rows_masked(p.k, j0, bk, key_ok, k_buf) : rows_of(p.k, j0, bk, k_buf);
-      auto sb = s.leftCols(bk);
-      sb.noalias() = q * k.transpose();
-      const auto hide = [&](auto& m, T value) {
-        if (valid < bk)
-          for (int64_t c = 0; c < bk; ++c)
-            if (key_ok[c] == T(0)) m.col(c).setConstant(value);
-        if (diagonal)
-          for (int64_t r = 0; r < bq; ++r) {
-            const int64_t first_hidden = std::max<int64_t>(0, i0 + r + p.causal_offset + 1 - j0);
-            if (first_hidden < bk) m.row(r).tail(bk - first_hidden).setConstant(value);
-          }
-      };
-      hide(sb, kNegInf);
-      body(j0, bk, valid, k, sb, hide);
+  // The tile's allowed keys of [j0, j0 + bk), in order (masked keys dropped, never read).
+  const int64_t key_end = p.causal ? std::min(nk, std::max<int64_t>(0, i1 - 1 + p.causal_offset + 1)) : nk;
+  const auto gather = [&](int64_t j0) {
+    const int64_t bk = std::min(kK, key_end - j0);
+    int64_t n = 0;
+    for (int64_t c = 0; c < bk; ++c) {
+      const int64_t j = j0 + c;
+      if (p.key_valid != nullptr && p.key_valid[j] == 0) continue;
+      krow[n] = p.k.data + j * p.k.row_stride;
+      vrow[n] = p.v.data + j * p.v.row_stride;
+      kidx[n++] = j;
     }
+    return n;
+  };
+  // Keys [0, jf) are visible to every row of block b, [jf, je) to some (lanes >= thr), the rest
+  // to none.
+  const auto block_keys = [&](int64_t b, int64_t n, int64_t& jf, int64_t& je) {
+    jf = je = n;
+    if (!p.causal) return;
+    const int64_t row0 = i0 + b * W + p.causal_offset;
+    jf = std::upper_bound(kidx, kidx + n, row0) - kidx;
+    je = std::upper_bound(kidx + jf, kidx + n, row0 + W - 1) - kidx;
+    for (int64_t jj = 0; jj < je; ++jj) thr[jj] = kidx[jj] - row0;
   };
 
-  // Row statistics: the forward's lse, or one online pass over the keys.
+  // Row statistics in log2 units: the forward's lse, or one online pass over the keys. With a
+  // single key tile the pass leaves Sᵀ in pt for the gradient pass.
+  bool s_ready = false;
   if (g.lse != nullptr) {
-    for (int64_t r = 0; r < bq; ++r) lse(r) = g.lse[(i0 + r) * g.lse_stride];
+    for (int64_t r = 0; r < bq; ++r) lse2[r] = g.lse[(i0 + r) * g.lse_stride] * log2e;
   } else {
-    lse.setConstant(kNegInf);  // the running max until the end of the pass
-    row_sum.setZero();
-    for_each_tile([&](int64_t, int64_t, int64_t, const auto&, auto& sb, const auto& hide) {
-      for (int64_t r = 0; r < bq; ++r) {
-        const T new_max = std::max(lse(r), sb.row(r).maxCoeff());
-        if (new_max == kNegInf) continue;  // nothing allowed in this row yet
-        row_sum(r) *= std::exp(lse(r) - new_max);
-        lse(r) = new_max;
-        sb.row(r).array() = (sb.row(r).array() - new_max).exp();
+    std::fill(row_max, row_max + bqp, -kInf);
+    std::fill(row_sum, row_sum + bqp, T(0));
+    int64_t tiles = 0;
+    for (int64_t j0 = 0; j0 < key_end; j0 += kK) {
+      const int64_t n = gather(j0);
+      if (n == 0) continue;
+      ++tiles;
+      for (int64_t b = 0; b < blocks; ++b) {
+        int64_t jf, je;
+        block_keys(b, n, jf, je);
+        if (je == 0) continue;
+        T* st = pt + b * kK * W;
+        P tmax[IB], tmin[IB];
+        for (int ib = 0; ib < IB; ++ib) tmax[ib] = pset1<P>(-kInf), tmin[ib] = pset1<P>(kInf);
+        qk_block<T>(qt + b * W, d, krow, p.k.col_stride, jf, je, thr, st, tmax, tmin);
+        for (int ib = 0; ib < IB; ++ib) {
+          T* mp = row_max + b * W + ib * L;
+          T* sp = row_sum + b * W + ib * L;
+          const P mo = ploadu<P>(mp), mn = pmax(mo, tmax[ib]);
+          const P empty = pcmp_eq(mn, pset1<P>(-kInf));  // nothing allowed in this row yet
+          const P msafe = pselect(empty, pset1<P>(T(0)), mn);
+          P sum = pset1<P>(T(0));
+          for (int64_t jj = 0; jj < je; ++jj) sum = padd(sum, exp2_neg(psub(ploadu<P>(st + jj * W + ib * L), msafe)));
+          pstoreu(sp, pmadd(pselect(empty, pset1<P>(T(1)), exp2_neg(psub(mo, msafe))), ploadu<P>(sp), sum));
+          pstoreu(mp, mn);
+        }
       }
-      hide(sb, T(0));
-      row_sum += sb.rowwise().sum().array();
-    });
-    for (int64_t r = 0; r < bq; ++r) lse(r) = row_sum(r) > T(0) ? lse(r) + std::log(row_sum(r)) : kNegInf;
-  }
-  // A row that attends nothing (invalid query, no allowed key) takes no part: P = 0 there, and its
-  // q row (even a NaN one) is zeroed so that 0 · q cannot reach dk.
-  bool any_live = false;
-  for (int64_t r = 0; r < bq; ++r) {
-    if (!query_ok(r) || lse(r) == kNegInf) {
-      lse(r) = std::numeric_limits<T>::infinity();  // exp(s − inf) = 0
-      q.row(r).setZero();
-      dout.row(r).setZero();
-      delta(r) = 0;
-    } else {
-      any_live = true;
     }
+    s_ready = tiles == 1 && key_end <= kK;
+    for (int64_t r = 0; r < bq; ++r) lse2[r] = row_sum[r] > T(0) ? row_max[r] + std::log2(row_sum[r]) : -kInf;
   }
 
-  if (any_live)
-    for_each_tile([&](int64_t j0, int64_t bk, int64_t valid, const auto& k, auto& sb, const auto& hide) {
-      for (int64_t r = 0; r < bq; ++r) sb.row(r).array() = (sb.row(r).array() - lse(r)).exp();
-      hide(sb, T(0));  // P; Eigen's vectorized exp(-inf) is a denormal, not 0
-      const auto v = valid < bk ? rows_masked(p.v, j0, bk, key_ok, v_buf) : rows_of(p.v, j0, bk, v_buf);
-      auto dv_t = dv_tile.topRows(bk);
-      dv_t.noalias() = sb.transpose() * dout;
-      add_rows(g.dv, j0, dv_t);
-      auto dpb = dp.leftCols(bk);
-      dpb.noalias() = dout * v.transpose();
-      sb.array() *= (dpb.array().colwise() - delta);  // dS = P ∘ (dP − D)
-      hide(sb, T(0));
-      auto dk_t = dk_tile.topRows(bk);
-      dk_t.noalias() = sb.transpose() * q;  // q holds s · q: s dSᵀ Q
-      add_rows(g.dk, j0, dk_t);
-      dq.noalias() += sb * k;
-    });
-
-  for (int64_t r = 0; r < bq; ++r) {
-    const bool live = lse(r) != std::numeric_limits<T>::infinity();
-    for (int64_t c = 0; c < d; ++c) g.dq(i0 + r, c) = live ? dq(r, c) * p.scale : T(0);
+  // A row that attends nothing (invalid query, no allowed key) takes no part: P = 0 there, and its
+  // q and dO rows (even NaN ones) are zeros.
+  bool any_live = false;
+  for (int64_t r = 0; r < bqp; ++r) {
+    const bool alive = r < bq && query_ok(r) && lse2[r] != -kInf;
+    any_live = any_live || alive;
+    live[r] = alive ? T(1) : T(0);
+    T dsum = 0;
+    for (int64_t c = 0; c < dv; ++c) {
+      const T o = alive ? g.dout(i0 + r, c) : T(0);
+      dor[r * dv + c] = o;
+      dot[c * kQ + r] = o;
+      if (alive) dsum += o * g.out(i0 + r, c);
+    }
+    delta[r] = dsum;
+    for (int64_t c = 0; c < d; ++c) {
+      qs[r * d + c] = alive ? p.q(i0 + r, c) * p.scale : T(0);
+      if (!alive) qt[c * kQ + r] = T(0);
+      dqt[c * kQ + r] = T(0);
+    }
+    if (!alive) lse2[r] = kInf;  // 2^(s − inf) = 0
   }
+
+  const P one = pset1<P>(T(1)), zero = pset1<P>(T(0));
+  P ones[IB];
+  for (int ib = 0; ib < IB; ++ib) ones[ib] = one;
+  for (int64_t j0 = 0; any_live && j0 < key_end; j0 += kK) {
+    const int64_t n = gather(j0);
+    if (n == 0) continue;
+    for (int64_t b = 0; b < blocks; ++b) {
+      int64_t jf, je;
+      block_keys(b, n, jf, je);
+      if (je == 0) continue;
+      const int64_t r0 = b * W;
+      T* pb = pt + b * kK * W;
+      T* db = dst + b * kK * W;
+      P tmax[IB], tmin[IB];  // not needed here
+      for (int ib = 0; ib < IB; ++ib) tmax[ib] = pset1<P>(-kInf), tmin[ib] = pset1<P>(kInf);
+      if (!s_ready) qk_block<T>(qt + r0, d, krow, p.k.col_stride, jf, je, thr, pb, tmax, tmin);
+      qk_block<T>(dot + r0, dv, vrow, p.v.col_stride, jf, je, thr, db, tmax, tmin);
+      P lv[IB], lmask[IB], dl[IB];
+      for (int ib = 0; ib < IB; ++ib) {
+        lv[ib] = ploadu<P>(lse2 + r0 + ib * L);
+        lmask[ib] = pcmp_eq(ploadu<P>(live + r0 + ib * L), one);
+        dl[ib] = ploadu<P>(delta + r0 + ib * L);
+      }
+      for (int64_t jj = 0; jj < je; ++jj)
+        EFFATTN_UNROLL
+        for (int ib = 0; ib < IB; ++ib) {
+          P mask = lmask[ib];
+          if (jj >= jf) mask = pand(mask, visible_lanes<P>(thr[jj] - ib * L));
+          const P pr = pand(exp2_neg(psub(ploadu<P>(pb + jj * W + ib * L), lv[ib])), mask);
+          const P ds = pmul(pr, psub(ploadu<P>(db + jj * W + ib * L), dl[ib]));
+          pstoreu(pb + jj * W + ib * L, pr);
+          pstoreu(db + jj * W + ib * L, pselect(mask, ds, zero));
+        }
+      pv_block<T>(db, krow, p.k.col_stride, d, jf, je, thr, ones, dqt + r0);
+    }
+    // The sums across query rows: key jj is seen by rows >= first[jj].
+    for (int64_t jj = 0; jj < n; ++jj) first[jj] = p.causal ? std::max<int64_t>(0, kidx[jj] - i0 - p.causal_offset) : 0;
+    key_rows<T>(pt, n, dor, dv, dv, first, bq, g.dv, kidx);
+    key_rows<T>(dst, n, qs, d, d, first, bq, g.dk, kidx);
+  }
+
+  transpose_scaled<T>(dqt, kQ, 1, d, bq, p.scale, &g.dq(i0, 0), g.dq.row_stride, g.dq.col_stride);
+  for (int64_t r = 0; r < bq; ++r)
+    if (live[r] == T(0))
+      for (int64_t c = 0; c < d; ++c) g.dq(i0 + r, c) = T(0);
 }
 
 /// The backward of all rows of one head, query tile after query tile, on the calling thread.
