@@ -134,6 +134,66 @@ TYPED_TEST(SoftmaxBackwardCpu, NonFiniteQueryOfAnInertRowReachesNoGradient) {
   }
 }
 
+// A NaN in a live row's q or dout, or in one key's v, reaches exactly the gradients its forward
+// value reaches (causal: key j is seen by rows i >= j), and every other element equals the clean
+// reference: a hidden entry's product is skipped, never 0 · NaN.
+TYPED_TEST(SoftmaxBackwardCpu, NonFiniteInputReachesExactlyItsGradients) {
+  using T = TypeParam;
+  const int64_t n = 70, row = 10, key = 40;
+  enum Poison { query, upstream, value };
+  for (Poison what : {query, upstream, value})
+    for (bool with_lse : {false, true}) {
+      const Case c{1, 1, 1, n, n, 16, 8, true, false};
+      SCOPED_TRACE(describe(c) + " poison " + std::to_string(int(what)) + (with_lse ? " with lse" : ""));
+      EFFATTN_TRACE_SEED();
+      Problem<T> p(c);
+      const ref::Grads clean = p.reference();
+      auto& d = p.data;
+      const T nan = std::numeric_limits<T>::quiet_NaN();
+      if (what == query) d.q.view(0, 0, row, 3) = nan;
+      if (what == upstream) p.dout.view(0, 0, row, 2) = nan;
+      if (what == value) d.v.view(0, 0, key, 1) = nan;
+      effattn::attention_with_lse<effattn::Cpu>(p.method(), d.q.cview(), d.k.cview(), d.v.cview(), d.out.view,
+                                                p.lse.view, p.masks);
+      GradData<T> g(d.q.view, d.k.view, d.v.view, c.layout);
+      if (with_lse)
+        effattn::attention_backward_with_lse<effattn::Cpu>(p.method(), d.q.cview(), d.k.cview(), d.v.cview(),
+                                                           d.out.cview(), p.dout.cview(), p.lse.cview(), g.grads(),
+                                                           p.masks);
+      else
+        effattn::attention_backward<effattn::Cpu>(p.method(), d.q.cview(), d.k.cview(), d.v.cview(),
+                                                  d.out.cview(), p.dout.cview(), g.grads(), p.masks);
+      // Which elements of dq (query rows) and of dk, dv (key rows) the NaN reaches: a NaN in
+      // dout's column 2 reaches dv's column 2 only (dv_j = Σ_i P_ij dO_i); v does not reach dv,
+      // unless the forward's lse comes back: it is NaN for the NaN output rows i >= key (the
+      // documented lse rule), so their P is, and row n - 1 sees every key.
+      const auto nan_dq = [&](int64_t i, int64_t) { return what == value ? i >= key : i == row; };
+      const auto nan_dk = [&](int64_t j, int64_t) { return what == value ? true : j <= row; };
+      const auto nan_dv = [&](int64_t j, int64_t col) {
+        return what == query ? j <= row : what == upstream ? j <= row && col == 2 : with_lse;
+      };
+      const auto check = [&](const char* name, const HostTensor<T>& got, const ref::Result& want,
+                             const ref::Result& size, const auto& expect_nan) {
+        double scale = 0;
+        for (double x : size.a) scale = std::max(scale, std::abs(x));
+        int64_t wrong = 0;
+        for (int64_t r = 0; r < want.N; ++r)
+          for (int64_t col = 0; col < want.Dv; ++col) {
+            const double x = got.view(0, 0, r, col);
+            const bool want_nan = expect_nan(r, col);
+            const bool ok = want_nan ? std::isnan(x) : std::abs(x - want(0, 0, r, col)) <= cpu_tolerance<T>() * scale;
+            if (!ok && wrong++ < 3)
+              ADD_FAILURE() << name << "(" << r << ", " << col << ") = " << x << ", want "
+                            << (want_nan ? "NaN" : std::to_string(want(0, 0, r, col)));
+          }
+        EXPECT_EQ(wrong, 0) << name;
+      };
+      check("dq", g.dq, clean.dq, clean.size.dq, nan_dq);
+      check("dk", g.dk, clean.dk, clean.size.dk, nan_dk);
+      check("dv", g.dv, clean.dv, clean.size.dv, nan_dv);
+    }
+}
+
 // The reference backward is checked on its own against central differences of the reference
 // forward, for random directions in every input at once (double throughout).
 TEST(SoftmaxBackwardReference, MatchesFiniteDifferencesOfTheForward) {

@@ -91,6 +91,21 @@ constexpr size_t pinv_scratch_bytes(int64_t M) {
   return 3 * detail::bytes_of<T>(static_cast<size_t>(M * M));
 }
 
+/// What newton_schulz records for its backward: the iterates Z0, Z1, ... and each step's
+/// products X = K2 Z, Y2, Y3 (so the backward need not recompute them).
+template <class T>
+struct NewtonSchulzTape {
+  T* iterates = nullptr;  // [(iterations + 1) M, M]
+  T* products = nullptr;  // [3 iterations M, M]: X, Y2, Y3 of step 0, then step 1, ...
+  static constexpr size_t elements(int64_t M, int iterations) {
+    return static_cast<size_t>((4 * iterations + 1) * M * M);
+  }
+  static NewtonSchulzTape carve(T* at, int64_t M, int iterations) {
+    if (at == nullptr) return {};  // a Carver counting bytes
+    return {at, at + (iterations + 1) * M * M};
+  }
+};
+
 /// Z0 = K2ᵀ / (c r) with c the largest column sum and r the largest row sum of K2 (the first
 /// column / row on ties: the backward differentiates through that column and row).
 template <class T>
@@ -127,10 +142,12 @@ T penrose_residual(const ConstMap<T>& K2, const Map<T>& KZ, Map<T>& tmp) {
 /// iteration. Once it exceeds twice its smallest value so far (or is not finite), rounding
 /// amplified by a near-singular K2 has taken over (each step multiplies what lies in K2's near
 /// null space by up to 3.25): the iteration stops and keeps the iterate before. So any count is
-/// safe; where the result is meaningful the guard never fires. Returns the steps taken. With
-/// `iterates` (room for (iterations + 1) M × M), stores Z0, Z1, ... for the backward.
+/// safe; where the result is meaningful the guard never fires. Returns the steps taken. With a
+/// tape, records what the backward needs.
 template <class T>
-int newton_schulz(const T* k2, int64_t M, int iterations, T* z, detail::Arena scratch, T* iterates = nullptr) {
+int newton_schulz(const T* k2, int64_t M, int iterations, T* z, detail::Arena scratch,
+                  const NewtonSchulzTape<T>& tape = {}) {
+  T* const iterates = tape.iterates;
   ConstMap<T> K2(k2, M, M);
   const T denom = z0_scale(K2).denom();
   Map<T> Z(z, M, M);
@@ -166,6 +183,12 @@ int newton_schulz(const T* k2, int64_t M, int iterations, T* z, detail::Arena sc
     S.noalias() -= KZ * A;
     A = T(13) * I;
     A.noalias() -= KZ * S;
+    if (tape.products != nullptr) {  // X = K2 Z, Y2 = 15I − X Y1, Y3 = 13I − X Y2 of this step
+      T* x = tape.products + 3 * steps * M * M;
+      Map<T>(x, M, M) = KZ;
+      Map<T>(x + M * M, M, M) = S;
+      Map<T>(x + 2 * M * M, M, M) = A;
+    }
     S.noalias() = T(0.25) * (Zc * A);
     std::swap(cur, spare);
     ++steps;
@@ -403,12 +426,11 @@ void landmark_attention(const LandmarkSpec<T>& spec, const detail::Dims& d, Tens
 // at the end, from dZ summed over the batch.
 namespace landmark {
 
-/// dA for Z = newton_schulz(A, steps), from its stored iterates Z0..Z_steps and dZ = ∂L/∂Z.
-/// Each step Z' = ¼ Z Y3 with X = A Z, Y1 = 7I − X, Y2 = 15I − X Y1, Y3 = 13I − X Y2 is reversed
-/// operation by operation (X, Y1, Y2, Y3 recomputed from Z and A); Z0 = Aᵀ / (c r) last.
-/// Scratch: 8 M × M.
+/// dA for Z = newton_schulz(A, steps), from its tape and dZ = ∂L/∂Z. Each step Z' = ¼ Z Y3
+/// with X = A Z, Y1 = 7I − X, Y2 = 15I − X Y1, Y3 = 13I − X Y2 is reversed operation by operation
+/// (X, Y2, Y3 from the tape); Z0 = Aᵀ / (c r) last. Scratch: ns_backward_scratch_bytes.
 template <class T>
-void newton_schulz_backward(const T* a, int64_t M, int steps, const T* iterates, const T* dz, T* da,
+void newton_schulz_backward(const T* a, int64_t M, int steps, const NewtonSchulzTape<T>& tape, const T* dz, T* da,
                             detail::Arena scratch) {
   ConstMap<T> A(a, M, M);
   Map<T> dA(da, M, M);
@@ -420,17 +442,14 @@ void newton_schulz_backward(const T* a, int64_t M, int steps, const T* iterates,
     return;
   }
   const auto take = [&] { return Map<T>(scratch.take<T>(M * M), M, M); };
-  Map<T> G = take(), X = take(), Y1 = take(), Y2 = take(), Y3 = take(), gY = take(), gX = take(), gZ = take();
+  Map<T> G = take(), Y1 = take(), gY = take(), gX = take(), gZ = take();
   G = ConstMap<T>(dz, M, M);
   const auto I = RowMatrix<T>::Identity(M, M);
   for (int t = steps - 1; t >= 0; --t) {
-    const ConstMap<T> Z(iterates + t * M * M, M, M);
-    X.noalias() = A * Z;
+    const ConstMap<T> Z(tape.iterates + t * M * M, M, M);
+    const T* x = tape.products + 3 * t * M * M;
+    const ConstMap<T> X(x, M, M), Y2(x + M * M, M, M), Y3(x + 2 * M * M, M, M);
     Y1 = T(7) * I - X;
-    Y2 = T(15) * I;
-    Y2.noalias() -= X * Y1;
-    Y3 = T(13) * I;
-    Y3.noalias() -= X * Y2;
     G *= T(0.25);                           // ∂L/∂(Z Y3)
     gZ.noalias() = G * Y3.transpose();      // through Z of Z·Y3
     gY.noalias() = Z.transpose() * G;       // ∂L/∂Y3
@@ -448,6 +467,12 @@ void newton_schulz_backward(const T* a, int64_t M, int steps, const T* iterates,
   const T sigma = (G.transpose().array() * A.array()).sum();  // ⟨G, Aᵀ⟩
   dA.col(z0.column).array() -= sigma / (z0.c * denom);
   dA.row(z0.row).array() -= sigma / (z0.r * denom);
+}
+
+/// Scratch bytes of newton_schulz_backward.
+template <class T>
+constexpr size_t ns_backward_scratch_bytes(int64_t M) {
+  return 5 * detail::bytes_of<T>(static_cast<size_t>(M * M));
 }
 
 /// K2 = softmax_row(s Lq Lkᵀ) with dropped entries fixed at 0: for dK2, adds s dS Lk to dLq and
@@ -510,9 +535,9 @@ struct HeadBuffers {
   T *w3 = nullptr, *w = nullptr, *dw = nullptr, *dw3 = nullptr;  // [M, Dv]
   T *dlq = nullptr, *dlk = nullptr;                // [M, D]
   T *k2 = nullptr, *a = nullptr, *z = nullptr, *dz = nullptr, *da = nullptr;  // [M, M]
-  T* iterates = nullptr;                           // [(iterations + 1) M, M]
+  NewtonSchulzTape<T> tape;                        // own_z: Z's iterates and products
 
-  /// own_z: K2 and Z per (b, h) (not shared), so K2, A, the iterates and dA live here.
+  /// own_z: K2 and Z per (b, h) (not shared), so K2, A, the tape and dA live here.
   static HeadBuffers carve(Carver& c, int64_t M, int64_t D, int64_t Dv, bool nystrom, bool invert, bool own_z,
                            int iterations) {
     HeadBuffers h;
@@ -537,9 +562,28 @@ struct HeadBuffers {
       h.a = c.take<T>(M * M);
       h.z = c.take<T>(M * M);
       h.da = c.take<T>(M * M);
-      h.iterates = c.take<T>((iterations + 1) * M * M);
+      h.tape = NewtonSchulzTape<T>::carve(c.take<T>(NewtonSchulzTape<T>::elements(M, iterations)), M, iterations);
     }
     return h;
+  }
+};
+
+/// Shared proxies: each head's one Z, kept from the prepass to the final phase with what its
+/// backward needs (K2 before and after dropout, the Newton–Schulz tape), and dZ summed over the
+/// batch. In the shared region, head after head.
+template <class T>
+struct SharedZ {
+  T *z = nullptr, *dz_sum = nullptr, *k2 = nullptr, *a = nullptr;  // [M, M]
+  NewtonSchulzTape<T> tape;
+  static constexpr size_t elements(int64_t M, int iterations) {
+    return 4 * static_cast<size_t>(M * M) + NewtonSchulzTape<T>::elements(M, iterations);
+  }
+  static SharedZ at(T* region, int64_t h, int64_t M, int iterations) {
+    T* base = region + h * elements(M, iterations);
+    SharedZ s;
+    s.z = base, s.dz_sum = base + M * M, s.k2 = base + 2 * M * M, s.a = base + 3 * M * M;
+    s.tape = NewtonSchulzTape<T>::carve(base + 4 * M * M, M, iterations);
+    return s;
   }
 };
 
@@ -548,14 +592,14 @@ template <class T>
 size_t backward_work_bytes(int64_t M, int64_t D, int64_t Dv) {
   using detail::bytes_of;
   return std::max({tile_scratch_bytes<T>(D, Dv), z_scratch_bytes<T>(M, D), backward_scratch_bytes<T>(D, Dv),
-                   8 * bytes_of<T>(M * M), bytes_of<T>(M * M) + 2 * bytes_of<T>(M * D)});
+                   ns_backward_scratch_bytes<T>(M), bytes_of<T>(M * M) + 2 * bytes_of<T>(M * D)});
 }
 
 /// Workspace layout of one landmark backward (run and backward_workspace_bytes share it).
 struct BackwardPlan {
   int threads = 1;
   int64_t items = 1, chunk = 1;  // (b, key head) pairs, and how many run at once
-  size_t shared = 0;             // shared proxies: Z and the batch's dZ per head, [2, H, M, M]
+  size_t shared = 0;             // shared proxies: SharedZ per head, and the step counts
   size_t prepass = 0;            // per thread: one head's Z (shared proxies)
   size_t per_item = 0;           // per thread: one head's buffers + work scratch
   size_t slots = 0;              // per item: batch-extent-1 proxy gradients and dZ of its heads
@@ -586,11 +630,10 @@ BackwardPlan backward_plan(const LandmarkSpec<T>& spec, const detail::Dims& d, i
     p.slots = per_head * static_cast<size_t>(d.group());
   }
   if (shared) {
-    p.shared = 2 * bytes_of<T>(d.H * MM);
-    p.prepass = z_scratch_bytes<T>(M, d.D) + bytes_of<T>(MM);
-    Carver fin;
-    HeadBuffers<T>::carve(fin, M, d.D, d.Dv, false, false, true, spec.iterations);
-    p.final_head = fin.bytes + 2 * bytes_of<T>(M * d.D) + backward_work_bytes<T>(M, d.D, d.Dv);
+    p.shared = bytes_of<T>(d.H * SharedZ<T>::elements(M, spec.iterations)) + bytes_of<int>(d.H);
+    p.prepass = z_scratch_bytes<T>(M, d.D);
+    p.final_head = bytes_of<T>(MM) + 2 * bytes_of<T>(M * d.D) +
+                   std::max(ns_backward_scratch_bytes<T>(M), bytes_of<T>(MM) + 2 * bytes_of<T>(M * d.D));
     p.heads = d.H;
   }
   return p;
@@ -625,16 +668,23 @@ void landmark_backward(const LandmarkSpec<T>& spec, const detail::Dims& d, Tenso
   if (pk_shared)
     for (int64_t h = 0; h < d.H; ++h) fill(head_rows(grads.dproxy_k, 0, h), T(0));
 
-  T* shared_z = nullptr;
-  T* dz_sum = nullptr;
-  if (shared) {  // as the forward: one Z per head, the dropout draw at batch index 0
-    shared_z = arena.take<T>(d.H * MM);
-    dz_sum = arena.take<T>(d.H * MM);
-    std::fill(dz_sum, dz_sum + d.H * MM, T(0));
+  // Shared proxies: one Z per head, as the forward's compute_z (the dropout draw at batch index
+  // 0), keeping K2, its dropped copy and the Newton–Schulz tape for the final phase.
+  T* shared_region = nullptr;
+  int* shared_steps = nullptr;
+  const auto shared_head = [&](int64_t h) { return SharedZ<T>::at(shared_region, h, M, spec.iterations); };
+  if (shared) {
+    shared_region = arena.take<T>(d.H * SharedZ<T>::elements(M, spec.iterations));
+    shared_steps = arena.take<int>(d.H);
     Arena pre = arena;
     parallel_for(threads, d.H, pre, pl.prepass, [&](int64_t h, Arena scratch) {
-      compute_z(head_rows(spec.proxy_q, 0, h), nullptr, head_rows(spec.proxy_k, 0, h), nullptr, spec.scale,
-                Dropout{spec.dropout_seed, 0, h, spec.column_dropout}, spec.iterations, shared_z + h * MM, scratch);
+      const SharedZ<T> sz = shared_head(h);
+      std::fill(sz.dz_sum, sz.dz_sum + MM, T(0));
+      kernel2(head_rows(spec.proxy_q, 0, h), nullptr, head_rows(spec.proxy_k, 0, h), nullptr, spec.scale, Dropout{},
+              sz.k2, scratch);
+      std::copy(sz.k2, sz.k2 + MM, sz.a);
+      apply_column_dropout(Dropout{spec.dropout_seed, 0, h, spec.column_dropout}, sz.a, M, M);
+      shared_steps[h] = newton_schulz(sz.a, M, spec.iterations, sz.z, scratch, sz.tape);
     });
   }
 
@@ -694,14 +744,14 @@ void landmark_backward(const LandmarkSpec<T>& spec, const detail::Dims& d, Tenso
         p3.scale = spec.scale;
         p3.lse = hb.lse3;
         attend_head(p3, work);
-        const T* z = shared ? shared_z + h * MM : hb.z;
+        const T* z = shared ? shared_head(h).z : hb.z;
         int steps = 0;
         if (own_z) {
           kernel2(lq, hb.lq_valid, lk, hb.lk_valid, spec.scale, Dropout{}, hb.k2, work);
           std::copy(hb.k2, hb.k2 + MM, hb.a);
           const Dropout drop{spec.dropout_seed, b, h, spec.column_dropout};
           apply_column_dropout(drop, hb.a, M, M);
-          steps = newton_schulz(hb.a, M, spec.iterations, hb.z, work, hb.iterates);
+          steps = newton_schulz(hb.a, M, spec.iterations, hb.z, work, hb.tape);
         }
         const T* w = hb.w3;
         if (spec.invert) {
@@ -747,7 +797,7 @@ void landmark_backward(const LandmarkSpec<T>& spec, const detail::Dims& d, Tenso
 
         // Z through Newton–Schulz, the dropout factors and K2's softmax: more dLq, dLk.
         if (own_z) {
-          newton_schulz_backward(hb.a, M, steps, hb.iterates, hb.dz, hb.da, work);
+          newton_schulz_backward(hb.a, M, steps, hb.tape, hb.dz, hb.da, work);
           apply_column_dropout(Dropout{spec.dropout_seed, b, h, spec.column_dropout}, hb.da, M, M);
           kernel2_backward(hb.k2, hb.da, lq, lk, spec.scale, hb.dlq, hb.dlk, work);
         }
@@ -773,7 +823,7 @@ void landmark_backward(const LandmarkSpec<T>& spec, const detail::Dims& d, Tenso
         const auto sl = slot_parts(i, g);
         if (pq_shared) add_to(head_rows(grads.dproxy_q, 0, h), sl.dlq, false);
         if (pk_shared) add_to(head_rows(grads.dproxy_k, 0, h), sl.dlk, false);
-        if (shared) Map<T>(dz_sum + h * MM, M, M) += ConstMap<T>(sl.dz, M, M);
+        if (shared) Map<T>(shared_head(h).dz_sum, M, M) += ConstMap<T>(sl.dz, M, M);
       }
   }
 
@@ -781,21 +831,16 @@ void landmark_backward(const LandmarkSpec<T>& spec, const detail::Dims& d, Tenso
   // Shared proxies: each head's one Z, differentiated with dZ summed over the batch.
   Arena fin = arena;
   parallel_for(threads, d.H, fin, pl.final_head, [&](int64_t h, Arena scratch) {
-    Carver carver{&scratch};
-    const HeadBuffers<T> hb = HeadBuffers<T>::carve(carver, M, d.D, d.Dv, false, false, true, spec.iterations);
+    const SharedZ<T> sz = shared_head(h);
+    T* da = scratch.take<T>(MM);
     T* dlq = scratch.take<T>(M * d.D);
     T* dlk = scratch.take<T>(M * d.D);
     std::fill(dlq, dlq + M * d.D, T(0));
     std::fill(dlk, dlk + M * d.D, T(0));
     const auto lq = head_rows(spec.proxy_q, 0, h), lk = head_rows(spec.proxy_k, 0, h);
-    const Dropout drop{spec.dropout_seed, 0, h, spec.column_dropout};
-    kernel2(lq, nullptr, lk, nullptr, spec.scale, Dropout{}, hb.k2, scratch);
-    std::copy(hb.k2, hb.k2 + MM, hb.a);
-    apply_column_dropout(drop, hb.a, M, M);
-    const int steps = newton_schulz(hb.a, M, spec.iterations, hb.z, scratch, hb.iterates);
-    newton_schulz_backward(hb.a, M, steps, hb.iterates, dz_sum + h * MM, hb.da, scratch);
-    apply_column_dropout(drop, hb.da, M, M);
-    kernel2_backward(hb.k2, hb.da, lq, lk, spec.scale, dlq, dlk, scratch);
+    newton_schulz_backward(sz.a, M, shared_steps[h], sz.tape, sz.dz_sum, da, scratch);
+    apply_column_dropout(Dropout{spec.dropout_seed, 0, h, spec.column_dropout}, da, M, M);
+    kernel2_backward(sz.k2, da, lq, lk, spec.scale, dlq, dlk, scratch);
     add_to(head_rows(grads.dproxy_q, 0, h), dlq, false);
     add_to(head_rows(grads.dproxy_k, 0, h), dlk, false);
   });

@@ -1006,7 +1006,9 @@ void backward_rows(const HeadAttentionGrad<T>& g, int64_t i0, int64_t i1, detail
       }
     }
     s_ready = tiles == 1 && key_end <= kK;
-    for (int64_t r = 0; r < bq; ++r) lse2[r] = row_sum[r] > T(0) ? row_max[r] + std::log2(row_sum[r]) : -kInf;
+    // A zero sum: no allowed key; a NaN one (a NaN logit) keeps the row alive with NaN weights.
+    for (int64_t r = 0; r < bq; ++r)
+      lse2[r] = row_sum[r] > T(0) ? row_max[r] + std::log2(row_sum[r]) : row_sum[r] == T(0) ? -kInf : row_sum[r];
   }
 
   // A row that attends nothing (invalid query, no allowed key) takes no part: P = 0 there, and its
