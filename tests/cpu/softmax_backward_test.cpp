@@ -49,6 +49,16 @@ struct Problem {
                                               data.out.view, lse.view, masks);
   }
   effattn::Softmax method() const { return {c.scale, c.causal}; }
+  /// The backward into g, with the forward's lse passed back or recomputed.
+  void backward(const effattn::Grads<T>& g, bool with_lse, int threads = 0) const {
+    const effattn::Exec<effattn::Cpu> exec{threads};
+    if (with_lse)
+      effattn::attention_backward_with_lse<effattn::Cpu>(method(), data.q.cview(), data.k.cview(), data.v.cview(),
+                                                         data.out.cview(), dout.cview(), lse.cview(), g, masks, exec);
+    else
+      effattn::attention_backward<effattn::Cpu>(method(), data.q.cview(), data.k.cview(), data.v.cview(),
+                                                data.out.cview(), dout.cview(), g, masks, exec);
+  }
   ref::Grads reference() const {
     return ref::softmax_backward(data.q.cview(), data.k.cview(), data.v.cview(), dout.cview(), masks, c.scale,
                                  c.causal);
@@ -61,15 +71,7 @@ void run_case(const Case& c, bool with_lse, int threads = 0) {
   EFFATTN_TRACE_SEED();
   Problem<T> p(c);
   GradData<T> g(p.data.q.view, p.data.k.view, p.data.v.view, c.layout);
-  const effattn::Exec<effattn::Cpu> exec{threads};
-  auto& d = p.data;
-  if (with_lse)
-    effattn::attention_backward_with_lse<effattn::Cpu>(p.method(), d.q.cview(), d.k.cview(), d.v.cview(),
-                                                       d.out.cview(), p.dout.cview(), p.lse.cview(), g.grads(),
-                                                       p.masks, exec);
-  else
-    effattn::attention_backward<effattn::Cpu>(p.method(), d.q.cview(), d.k.cview(), d.v.cview(), d.out.cview(),
-                                              p.dout.cview(), g.grads(), p.masks, exec);
+  p.backward(g.grads(), with_lse, threads);
   g.expect_matches(p.reference(), cpu_tolerance<T>());
 }
 
@@ -123,13 +125,7 @@ TYPED_TEST(SoftmaxBackwardCpu, NonFiniteQueryOfAnInertRowReachesNoGradient) {
     d.q.view(1, 1, 5, 3) = std::numeric_limits<T>::quiet_NaN();  // row 5 < Nq - Nk: no key yet
     if (invalid >= 0) d.q.view(1, 0, invalid, 0) = std::numeric_limits<T>::quiet_NaN();  // none with prob. 0.8^50
     GradData<T> g(d.q.view, d.k.view, d.v.view, c.layout);
-    if (with_lse)
-      effattn::attention_backward_with_lse<effattn::Cpu>(p.method(), d.q.cview(), d.k.cview(), d.v.cview(),
-                                                         d.out.cview(), p.dout.cview(), p.lse.cview(), g.grads(),
-                                                         p.masks);
-    else
-      effattn::attention_backward<effattn::Cpu>(p.method(), d.q.cview(), d.k.cview(), d.v.cview(), d.out.cview(),
-                                                p.dout.cview(), g.grads(), p.masks);
+    p.backward(g.grads(), with_lse);
     g.expect_matches(clean, cpu_tolerance<T>());
   }
 }
@@ -156,13 +152,7 @@ TYPED_TEST(SoftmaxBackwardCpu, NonFiniteInputReachesExactlyItsGradients) {
       effattn::attention_with_lse<effattn::Cpu>(p.method(), d.q.cview(), d.k.cview(), d.v.cview(), d.out.view,
                                                 p.lse.view, p.masks);
       GradData<T> g(d.q.view, d.k.view, d.v.view, c.layout);
-      if (with_lse)
-        effattn::attention_backward_with_lse<effattn::Cpu>(p.method(), d.q.cview(), d.k.cview(), d.v.cview(),
-                                                           d.out.cview(), p.dout.cview(), p.lse.cview(), g.grads(),
-                                                           p.masks);
-      else
-        effattn::attention_backward<effattn::Cpu>(p.method(), d.q.cview(), d.k.cview(), d.v.cview(),
-                                                  d.out.cview(), p.dout.cview(), g.grads(), p.masks);
+      p.backward(g.grads(), with_lse);
       // Which elements of dq (query rows) and of dk, dv (key rows) the NaN reaches: a NaN in
       // dout's column 2 reaches dv's column 2 only (dv_j = Σ_i P_ij dO_i); v does not reach dv,
       // unless the forward's lse comes back: it is NaN for the NaN output rows i >= key (the

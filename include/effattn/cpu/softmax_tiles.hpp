@@ -576,6 +576,34 @@ void slow_row(const HeadAttention<T>& p, int64_t i, Wide<T>* acc) {
 
 }  // namespace detail_tiles
 
+namespace detail_tiles {
+/// The allowed keys of [j0, j0 + bk) in order, masked keys dropped (never read): their K and V
+/// rows and indices. Returns how many.
+template <class T>
+int64_t gather_keys(const HeadAttention<T>& p, int64_t j0, int64_t bk, const T** krow, const T** vrow,
+                    int64_t* kidx) {
+  int64_t n = 0;
+  for (int64_t c = 0; c < bk; ++c) {
+    const int64_t j = j0 + c;
+    if (p.key_valid != nullptr && p.key_valid[j] == 0) continue;
+    krow[n] = p.k.data + j * p.k.row_stride;
+    vrow[n] = p.v.data + j * p.v.row_stride;
+    kidx[n++] = j;
+  }
+  return n;
+}
+
+/// For a block of W query rows whose first row sees keys j <= first (with causal), of a key list
+/// kidx[0, n): keys [0, jf) are visible to every row, [jf, je) to some, the rest to none; thr[jj]
+/// is the first lane that sees key jj (<= 0 before jf: a micro-tile may straddle jf).
+inline void causal_block(const int64_t* kidx, int64_t n, int64_t first, int64_t W, int64_t& jf, int64_t& je,
+                         int64_t* thr) {
+  jf = std::upper_bound(kidx, kidx + n, first) - kidx;
+  je = std::upper_bound(kidx + jf, kidx + n, first + W - 1) - kidx;
+  for (int64_t jj = 0; jj < je; ++jj) thr[jj] = kidx[jj] - first;
+}
+}  // namespace detail_tiles
+
 /// Scratch bytes one thread needs for attend_rows with head dims d, dv (any alignment will do).
 template <class T>
 constexpr size_t tile_scratch_bytes(int64_t d, int64_t dv) {
@@ -635,28 +663,12 @@ void attend_rows(const HeadAttention<T>& p, int64_t i0, int64_t i1, detail::Aren
   // With causal, query i sees keys j <= i + offset: the last row of the tile bounds the key range.
   const int64_t key_end = p.causal ? std::min(nk, std::max<int64_t>(0, i1 - 1 + p.causal_offset + 1)) : nk;
   for (int64_t j0 = 0; j0 < key_end; j0 += kK) {
-    const int64_t bk = std::min(kK, key_end - j0);
-    // The tile's allowed keys, in order; masked keys are dropped and never read.
-    int64_t n = 0;
-    for (int64_t c = 0; c < bk; ++c) {
-      const int64_t j = j0 + c;
-      if (p.key_valid != nullptr && p.key_valid[j] == 0) continue;
-      krow[n] = p.k.data + j * p.k.row_stride;
-      vrow[n] = p.v.data + j * p.v.row_stride;
-      kidx[n++] = j;
-    }
+    const int64_t n = gather_keys(p, j0, std::min(kK, key_end - j0), krow, vrow, kidx);
     if (n == 0) continue;
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t r0 = b * W;
-      // Keys [0, jf) are visible to every row of the block, [jf, je) to some, the rest to none.
       int64_t jf = n, je = n;
-      if (p.causal) {
-        const int64_t first = i0 + r0 + p.causal_offset;
-        jf = std::upper_bound(kidx, kidx + n, first) - kidx;
-        je = std::upper_bound(kidx + jf, kidx + n, first + W - 1) - kidx;
-        // The first lane that sees key jj (<= 0 for keys before jf: a micro-tile may straddle jf).
-        for (int64_t jj = 0; jj < je; ++jj) thr[jj] = kidx[jj] - first;
-      }
+      if (p.causal) causal_block(kidx, n, i0 + r0 + p.causal_offset, W, jf, je, thr);
       if (je == 0) continue;
       P tmax[IB], tmin[IB];
       for (int ib = 0; ib < IB; ++ib) {
@@ -946,29 +958,11 @@ void backward_rows(const HeadAttentionGrad<T>& g, int64_t i0, int64_t i1, detail
     if (r >= bq || !query_ok(r))
       for (int64_t c = 0; c < d; ++c) qt[c * kQ + r] = T(0);
 
-  // The tile's allowed keys of [j0, j0 + bk), in order (masked keys dropped, never read).
   const int64_t key_end = p.causal ? std::min(nk, std::max<int64_t>(0, i1 - 1 + p.causal_offset + 1)) : nk;
-  const auto gather = [&](int64_t j0) {
-    const int64_t bk = std::min(kK, key_end - j0);
-    int64_t n = 0;
-    for (int64_t c = 0; c < bk; ++c) {
-      const int64_t j = j0 + c;
-      if (p.key_valid != nullptr && p.key_valid[j] == 0) continue;
-      krow[n] = p.k.data + j * p.k.row_stride;
-      vrow[n] = p.v.data + j * p.v.row_stride;
-      kidx[n++] = j;
-    }
-    return n;
-  };
-  // Keys [0, jf) are visible to every row of block b, [jf, je) to some (lanes >= thr), the rest
-  // to none.
+  const auto gather = [&](int64_t j0) { return gather_keys(p, j0, std::min(kK, key_end - j0), krow, vrow, kidx); };
   const auto block_keys = [&](int64_t b, int64_t n, int64_t& jf, int64_t& je) {
     jf = je = n;
-    if (!p.causal) return;
-    const int64_t row0 = i0 + b * W + p.causal_offset;
-    jf = std::upper_bound(kidx, kidx + n, row0) - kidx;
-    je = std::upper_bound(kidx + jf, kidx + n, row0 + W - 1) - kidx;
-    for (int64_t jj = 0; jj < je; ++jj) thr[jj] = kidx[jj] - row0;
+    if (p.causal) causal_block(kidx, n, i0 + b * W + p.causal_offset, W, jf, je, thr);
   };
 
   // Row statistics in log2 units: the forward's lse, or one online pass over the keys. With a
