@@ -475,8 +475,28 @@ constexpr size_t ns_backward_scratch_bytes(int64_t M) {
   return 5 * detail::bytes_of<T>(static_cast<size_t>(M * M));
 }
 
+/// Z as the forward computes it (compute_z), keeping what its backward needs: K2 before the
+/// dropout, A = K2 after it, and Z with its Newton–Schulz tape. Returns the steps taken.
+/// Scratch: z_scratch_bytes.
+template <class T>
+int z_with_tape(const MatrixView<const T>& lq, const uint8_t* lq_valid, const MatrixView<const T>& lk,
+                const uint8_t* lk_valid, T scale, const Dropout& drop, int iterations, T* k2, T* a, T* z,
+                const NewtonSchulzTape<T>& tape, detail::Arena scratch) {
+  const int64_t M = lq.rows;
+  kernel2(lq, lq_valid, lk, lk_valid, scale, Dropout{}, k2, scratch);
+  std::copy(k2, k2 + M * M, a);
+  apply_column_dropout(drop, a, M, M);
+  return newton_schulz(a, M, iterations, z, scratch, tape);
+}
+
+/// Scratch bytes of kernel2_backward.
+template <class T>
+constexpr size_t kernel2_backward_scratch_bytes(int64_t M, int64_t D) {
+  return detail::bytes_of<T>(static_cast<size_t>(M * M)) + 2 * detail::bytes_of<T>(static_cast<size_t>(M * D));
+}
+
 /// K2 = softmax_row(s Lq Lkᵀ) with dropped entries fixed at 0: for dK2, adds s dS Lk to dLq and
-/// s dSᵀ Lq to dLk, dS = K2 ∘ (dK2 − rowsum(dK2 ∘ K2)). Scratch: M² + 2 M D.
+/// s dSᵀ Lq to dLk, dS = K2 ∘ (dK2 − rowsum(dK2 ∘ K2)). Scratch: kernel2_backward_scratch_bytes.
 template <class T>
 void kernel2_backward(const T* k2, const T* dk2, const MatrixView<const T>& lq, const MatrixView<const T>& lk, T scale,
                       T* dlq, T* dlk, detail::Arena scratch) {
@@ -592,7 +612,7 @@ template <class T>
 size_t backward_work_bytes(int64_t M, int64_t D, int64_t Dv) {
   using detail::bytes_of;
   return std::max({tile_scratch_bytes<T>(D, Dv), z_scratch_bytes<T>(M, D), backward_scratch_bytes<T>(D, Dv),
-                   ns_backward_scratch_bytes<T>(M), bytes_of<T>(M * M) + 2 * bytes_of<T>(M * D)});
+                   ns_backward_scratch_bytes<T>(M), kernel2_backward_scratch_bytes<T>(M, D)});
 }
 
 /// Workspace layout of one landmark backward (run and backward_workspace_bytes share it).
@@ -633,7 +653,7 @@ BackwardPlan backward_plan(const LandmarkSpec<T>& spec, const detail::Dims& d, i
     p.shared = bytes_of<T>(d.H * SharedZ<T>::elements(M, spec.iterations)) + bytes_of<int>(d.H);
     p.prepass = z_scratch_bytes<T>(M, d.D);
     p.final_head = bytes_of<T>(MM) + 2 * bytes_of<T>(M * d.D) +
-                   std::max(ns_backward_scratch_bytes<T>(M), bytes_of<T>(MM) + 2 * bytes_of<T>(M * d.D));
+                   std::max(ns_backward_scratch_bytes<T>(M), kernel2_backward_scratch_bytes<T>(M, d.D));
     p.heads = d.H;
   }
   return p;
@@ -680,11 +700,9 @@ void landmark_backward(const LandmarkSpec<T>& spec, const detail::Dims& d, Tenso
     parallel_for(threads, d.H, pre, pl.prepass, [&](int64_t h, Arena scratch) {
       const SharedZ<T> sz = shared_head(h);
       std::fill(sz.dz_sum, sz.dz_sum + MM, T(0));
-      kernel2(head_rows(spec.proxy_q, 0, h), nullptr, head_rows(spec.proxy_k, 0, h), nullptr, spec.scale, Dropout{},
-              sz.k2, scratch);
-      std::copy(sz.k2, sz.k2 + MM, sz.a);
-      apply_column_dropout(Dropout{spec.dropout_seed, 0, h, spec.column_dropout}, sz.a, M, M);
-      shared_steps[h] = newton_schulz(sz.a, M, spec.iterations, sz.z, scratch, sz.tape);
+      shared_steps[h] = z_with_tape(head_rows(spec.proxy_q, 0, h), nullptr, head_rows(spec.proxy_k, 0, h), nullptr,
+                                    spec.scale, Dropout{spec.dropout_seed, 0, h, spec.column_dropout},
+                                    spec.iterations, sz.k2, sz.a, sz.z, sz.tape, scratch);
     });
   }
 
@@ -747,11 +765,9 @@ void landmark_backward(const LandmarkSpec<T>& spec, const detail::Dims& d, Tenso
         const T* z = shared ? shared_head(h).z : hb.z;
         int steps = 0;
         if (own_z) {
-          kernel2(lq, hb.lq_valid, lk, hb.lk_valid, spec.scale, Dropout{}, hb.k2, work);
-          std::copy(hb.k2, hb.k2 + MM, hb.a);
-          const Dropout drop{spec.dropout_seed, b, h, spec.column_dropout};
-          apply_column_dropout(drop, hb.a, M, M);
-          steps = newton_schulz(hb.a, M, spec.iterations, hb.z, work, hb.tape);
+          steps = z_with_tape(lq, hb.lq_valid, lk, hb.lk_valid, spec.scale,
+                              Dropout{spec.dropout_seed, b, h, spec.column_dropout}, spec.iterations, hb.k2, hb.a,
+                              hb.z, hb.tape, work);
         }
         const T* w = hb.w3;
         if (spec.invert) {

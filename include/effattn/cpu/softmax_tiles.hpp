@@ -574,9 +574,6 @@ void slow_row(const HeadAttention<T>& p, int64_t i, Wide<T>* acc) {
   if (p.lse != nullptr) p.lse[i * p.lse_stride] = static_cast<T>(m + std::log(l));
 }
 
-}  // namespace detail_tiles
-
-namespace detail_tiles {
 /// The allowed keys of [j0, j0 + bk) in order, masked keys dropped (never read): their K and V
 /// rows and indices. Returns how many.
 template <class T>
@@ -973,11 +970,9 @@ void backward_rows(const HeadAttentionGrad<T>& g, int64_t i0, int64_t i1, detail
   } else {
     std::fill(row_max, row_max + bqp, -kInf);
     std::fill(row_sum, row_sum + bqp, T(0));
-    int64_t tiles = 0;
     for (int64_t j0 = 0; j0 < key_end; j0 += kK) {
       const int64_t n = gather(j0);
       if (n == 0) continue;
-      ++tiles;
       for (int64_t b = 0; b < blocks; ++b) {
         int64_t jf, je;
         block_keys(b, n, jf, je);
@@ -999,7 +994,7 @@ void backward_rows(const HeadAttentionGrad<T>& g, int64_t i0, int64_t i1, detail
         }
       }
     }
-    s_ready = tiles == 1 && key_end <= kK;
+    s_ready = key_end <= kK;  // one key tile (with no allowed key the gradient pass does nothing)
     // A zero sum: no allowed key; a NaN one (a NaN logit) keeps the row alive with NaN weights.
     for (int64_t r = 0; r < bq; ++r)
       lse2[r] = row_sum[r] > T(0) ? row_max[r] + std::log2(row_sum[r]) : row_sum[r] == T(0) ? -kInf : row_sum[r];
