@@ -275,3 +275,58 @@ TEST(FavorCpu, OutputOverlappingTheProjection) {
 }
 
 }  // namespace
+
+namespace {
+
+/// The positive map's exp row (effattn::cpu::favor::positive_feature_row) element by element
+/// against std::exp in long double, for lengths around the SIMD width: within a few ulps plus the
+/// argument's rounding, the value or 0 just above the normal range, 0 below it (never a
+/// subnormal), NaN for NaN, +inf for +inf, std::exp's value for positive arguments.
+template <class T>
+void check_positive_feature_row() {
+  const T tiny = std::numeric_limits<T>::min();
+  const T nan = std::numeric_limits<T>::quiet_NaN(), inf = std::numeric_limits<T>::infinity();
+  std::mt19937_64 rng(testing_util::base_seed());
+  std::uniform_real_distribution<double> arg(std::is_same_v<T, float> ? -95.0 : -720.0, 0.0);
+  for (int64_t M : {1, 7, 8, 9, 16, 31, 257}) {
+    const T shift = T(3.25), floor = T(0.5);
+    std::vector<T> u(static_cast<size_t>(M)), row, de(static_cast<size_t>(M), T(-7));
+    for (auto& x : u) x = static_cast<T>(arg(rng)) + shift;
+    if (M > 3) {
+      u[1] = nan;
+      u[2] = inf;
+      u[3] = shift + T(2);  // positive argument
+      u[0] = -inf;
+    }
+    row = u;
+    effattn::cpu::favor::positive_feature_row(row.data(), M, shift, floor, de.data());
+    for (int64_t m = 0; m < M; ++m) {
+      SCOPED_TRACE(::testing::Message() << "M " << M << " m " << m << " u " << u[m]);
+      const long double e = std::exp(static_cast<long double>(u[m]) - static_cast<long double>(shift));
+      if (std::isnan(u[m])) {
+        EXPECT_TRUE(std::isnan(de[m]) && std::isnan(row[m]));
+      } else if (e < static_cast<long double>(tiny) * 2) {  // at and below 2^-125 (float) the value may be 0
+        EXPECT_TRUE(de[m] == T(0) || std::abs(de[m] - e) <= 1e-6L * e) << de[m];
+        EXPECT_EQ(row[m], de[m] + floor);
+      } else if (std::isinf(u[m])) {
+        EXPECT_EQ(de[m], inf);
+      } else {
+        // The polynomial's few ulps plus the rounding of the argument in log2 units, x ulp(1) / 2
+        // relative to 2^x (the exact argument is u - shift, formed exactly here).
+        const long double eps = std::numeric_limits<T>::epsilon();
+        const long double x = std::abs(static_cast<long double>(u[m]) - shift) * 1.4426950408889634L;
+        EXPECT_LE(std::abs(de[m] - e), eps * (4 + x) * e) << de[m];
+        EXPECT_EQ(row[m], de[m] + floor);
+      }
+      EXPECT_FALSE(de[m] != T(0) && std::abs(de[m]) < tiny) << "subnormal " << de[m];
+    }
+  }
+}
+
+TEST(FavorCpu, PositiveFeatureRowMatchesExp) {
+  EFFATTN_TRACE_SEED();
+  check_positive_feature_row<float>();
+  check_positive_feature_row<double>();
+}
+
+}  // namespace

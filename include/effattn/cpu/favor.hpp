@@ -67,8 +67,9 @@ inline int64_t feature_count(FeatureMap map, int64_t m) { return map == FeatureM
 /// e = exp(u - shift) for u = row[0, M), 0 below T's normal range (Eigen's exp returns ~4e-39 for
 /// float there, which would stand in d phî / d u for a true 1e-90 when eps dominates); de = e
 /// when de is non-null, then row = e + floor. In one pass with the softmax tiles' exp2 (the
-/// argument times log2 e), about half the work of Eigen's exp and its four passes. A positive
-/// argument (only a masked key's or one beyond the stabilizer, a NaN's sibling) takes std::exp.
+/// argument times log2 e) instead of Eigen's exp and four passes over the row. exp2_neg wants
+/// arguments <= 0, which the stabilizer guarantees but for a masked key (zeroed afterwards) or a
+/// row holding a NaN or Inf: such a lane takes std::exp.
 template <class T>
 void positive_feature_row(T* row, int64_t M, T shift, T floor, T* de) {
   using namespace Eigen::internal;
