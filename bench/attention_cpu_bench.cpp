@@ -210,52 +210,57 @@ std::function<void(benchmark::State&)> make_body(const bench::Case& c, const ben
     if (too_big) {
       const std::string why = "standard attention's scores need " + std::to_string(static_cast<int64_t>(scores_mb)) +
                               " MB (over --max-scores-mb)";
-      st.SkipWithError(why.c_str());
+      bench::skip_case(st, why);
       for (auto _ : st) {
       }
       return;
     }
-    std::vector<T> q(B * H * N * D), k(q.size()), v(q.size()), out(q.size());
-    bench::fill_normal(q.size(), 1, [&](size_t i, float x) { q[i] = static_cast<T>(x); });
-    bench::fill_normal(k.size(), 2, [&](size_t i, float x) { k[i] = static_cast<T>(x); });
-    bench::fill_normal(v.size(), 3, [&](size_t i, float x) { v[i] = static_cast<T>(x); });
-    // The backward's upstream gradient and its outputs (empty for a forward case).
-    std::vector<T> dout(c.backward ? q.size() : 0), dq(dout.size()), dk(dout.size()), dv(dout.size());
-    bench::fill_normal(dout.size(), 4, [&](size_t i, float x) { dout[i] = static_cast<T>(x); });
-    const auto in = [&](const std::vector<T>& x, int64_t b) { return effattn::bhsd<const T>(x.data(), b, H, N, D); };
-    const auto mut = [&](std::vector<T>& x, int64_t b) { return effattn::bhsd(x.data(), b, H, N, D); };
-    // One call of the case on the first b sequences: forward, then (backward cases) backward.
-    const auto call = [&](int64_t b, void* ws, size_t ws_size) {
-      (c.backward && r.train_forward ? r.train_forward : r.run)(in(q, b), in(k, b), in(v, b), mut(out, b), ws, ws_size);
-      if (c.backward)
-        r.backward(in(q, b), in(k, b), in(v, b), in(out, b), in(dout, b), mut(dq, b), mut(dk, b), mut(dv, b), ws,
-                   ws_size);
-    };
-    const auto workspace = [&](int64_t b) {
-      const size_t f = r.workspace(in(q, b), in(k, b), in(v, b));
-      return c.backward ? std::max(f, r.backward_workspace(in(q, b), in(k, b), in(v, b))) : f;
-    };
+    // An exception (a library Error, bad_alloc) fails the case, and the binary's exit status.
+    try {
+      std::vector<T> q(B * H * N * D), k(q.size()), v(q.size()), out(q.size());
+      bench::fill_normal(q.size(), 1, [&](size_t i, float x) { q[i] = static_cast<T>(x); });
+      bench::fill_normal(k.size(), 2, [&](size_t i, float x) { k[i] = static_cast<T>(x); });
+      bench::fill_normal(v.size(), 3, [&](size_t i, float x) { v[i] = static_cast<T>(x); });
+      // The backward's upstream gradient and its outputs (empty for a forward case).
+      std::vector<T> dout(c.backward ? q.size() : 0), dq(dout.size()), dk(dout.size()), dv(dout.size());
+      bench::fill_normal(dout.size(), 4, [&](size_t i, float x) { dout[i] = static_cast<T>(x); });
+      const auto in = [&](const std::vector<T>& x, int64_t b) { return effattn::bhsd<const T>(x.data(), b, H, N, D); };
+      const auto mut = [&](std::vector<T>& x, int64_t b) { return effattn::bhsd(x.data(), b, H, N, D); };
+      // One call of the case on the first b sequences: forward, then (backward cases) backward.
+      const auto call = [&](int64_t b, void* ws, size_t ws_size) {
+        (c.backward && r.train_forward ? r.train_forward : r.run)(in(q, b), in(k, b), in(v, b), mut(out, b), ws, ws_size);
+        if (c.backward)
+          r.backward(in(q, b), in(k, b), in(v, b), in(out, b), in(dout, b), mut(dq, b), mut(dk, b), mut(dv, b), ws,
+                     ws_size);
+      };
+      const auto workspace = [&](int64_t b) {
+        const size_t f = r.workspace(in(q, b), in(k, b), in(v, b));
+        return c.backward ? std::max(f, r.backward_workspace(in(q, b), in(k, b), in(v, b))) : f;
+      };
 
-    // Memory of one sequence: the library's own allocations while it runs on it.
-    const size_t before = effattn::allocation_stats().current;
-    effattn::reset_allocation_peak();
-    call(1, nullptr, 0);
-    const size_t scratch = effattn::allocation_stats().peak - before;
-    const size_t ws_one = workspace(1);
+      // Memory of one sequence: the library's own allocations while it runs on it.
+      const size_t before = effattn::allocation_stats().current;
+      effattn::reset_allocation_peak();
+      call(1, nullptr, 0);
+      const size_t scratch = effattn::allocation_stats().peak - before;
+      const size_t ws_one = workspace(1);
 
-    // Timed: the whole batch with a caller workspace, as a steady-state caller runs it.
-    const size_t ws_size = workspace(B);
-    std::unique_ptr<void, AlignedFree> ws(ws_size ? std::aligned_alloc(64, effattn::detail::align_up(ws_size)) : nullptr);
-    call(B, ws.get(), ws_size);  // warm-up: first touch of ws and the outputs
-    for (auto _ : st) {
-      call(B, ws.get(), ws_size);
-      benchmark::DoNotOptimize(out.data());
-      benchmark::DoNotOptimize(dq.data());
-      benchmark::ClobberMemory();
+      // Timed: the whole batch with a caller workspace, as a steady-state caller runs it.
+      const size_t ws_size = workspace(B);
+      std::unique_ptr<void, AlignedFree> ws(ws_size ? std::aligned_alloc(64, effattn::detail::align_up(ws_size)) : nullptr);
+      call(B, ws.get(), ws_size);  // warm-up: first touch of ws and the outputs
+      for (auto _ : st) {
+        call(B, ws.get(), ws_size);
+        benchmark::DoNotOptimize(out.data());
+        benchmark::DoNotOptimize(dq.data());
+        benchmark::ClobberMemory();
+      }
+      // Inputs and output of a sequence, and for the backward dout, dq, dk, dv as well.
+      const double io = bench::io_bytes_per_sequence(c, sizeof(T)) * (c.backward ? 2 : 1);
+      bench::set_counters(st, c, io + r.parameter_bytes * (c.backward ? 2 : 1) + scratch, static_cast<double>(ws_one));
+    } catch (const std::exception& e) {
+      bench::fail_case(st, e.what());
     }
-    // Inputs and output of a sequence, and for the backward dout, dq, dk, dv as well.
-    const double io = bench::io_bytes_per_sequence(c, sizeof(T)) * (c.backward ? 2 : 1);
-    bench::set_counters(st, c, io + r.parameter_bytes * (c.backward ? 2 : 1) + scratch, static_cast<double>(ws_one));
   };
 }
 

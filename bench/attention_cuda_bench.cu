@@ -262,7 +262,7 @@ std::function<void(benchmark::State&)> make_body(const bench::Case& c, const ben
       if (too_big) {
         const std::string why = "standard attention's scores need " +
                                 std::to_string(static_cast<int64_t>(scores_mb)) + " MB (over --max-scores-mb)";
-        st.SkipWithError(why.c_str());
+        bench::skip_case(st, why);
         for (auto _ : st) {
         }
         return;
@@ -308,7 +308,7 @@ std::function<void(benchmark::State&)> make_body(const bench::Case& c, const ben
       bench::set_counters(st, c, bench::io_bytes_per_sequence(c, sizeof(T)) + r.parameter_bytes + scratch,
                           static_cast<double>(ws_one));
     } catch (const std::exception& e) {
-      st.SkipWithError(e.what());
+      bench::fail_case(st, e.what());
     }
   };
 }

@@ -4,6 +4,7 @@
 #pragma once
 #include <benchmark/benchmark.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -281,6 +282,21 @@ void fill_normal(size_t n, uint64_t seed, Store store) {
   }
 }
 
+/// Cases that failed while running (an exception from the library or the runtime): run_main's
+/// exit status says so, so that a sweep with an "ERROR OCCURRED" row cannot pass for a good one.
+inline std::atomic<int>& failed_cases() {
+  static std::atomic<int> n{0};
+  return n;
+}
+/// Marks the running case failed with `why` (Google Benchmark prints it as ERROR OCCURRED).
+inline void fail_case(benchmark::State& st, const std::string& why) {
+  ++failed_cases();
+  st.SkipWithError(why.c_str());
+}
+/// Skips a case that cannot run here by design (e.g. over --max-scores-mb): printed the same
+/// way, but not a failure.
+inline void skip_case(benchmark::State& st, const std::string& why) { st.SkipWithError(why.c_str()); }
+
 /// Registers one Google Benchmark per case for which make(case) gives a body (an empty
 /// std::function: the operator is not in this build), then runs them.
 inline int run_main(const Options& o, const std::vector<Case>& cases,
@@ -312,6 +328,10 @@ inline int run_main(const Options& o, const std::vector<Case>& cases,
   if (benchmark::ReportUnrecognizedArguments(argc, argv.data())) return 1;
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
+  if (failed_cases() > 0) {
+    std::fprintf(stderr, "error: %d case run(s) failed (ERROR OCCURRED above)\n", failed_cases().load());
+    return 3;
+  }
   return registered > 0 ? 0 : 1;
 }
 

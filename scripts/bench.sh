@@ -161,7 +161,8 @@ json=$out_dir/$name.json
 cmd=("$build_dir/bench/$target" "${sweep[@]}" "${extra[@]}" --device="$device" --commit="$commit"
      --benchmark_min_time=0.2 --benchmark_out="$json" --benchmark_out_format=json)
 echo "bench.sh: ${cmd[*]}"
-"${cmd[@]}"
+status=0
+"${cmd[@]}" || status=$?  # a failed case (exit 3) still leaves the other rows to render
 
 # --- tables and plot -------------------------------------------------------------------------------
 png_args=()
@@ -171,3 +172,7 @@ fi
 "$render_py" bench/render.py "$json" --out "$out_dir/$name.md" "${png_args[@]}" \
   --command "bash scripts/bench.sh${args_seen:+ $args_seen}"
 echo "bench.sh: wrote $out_dir/$name.{json,md${plot_py:+,png}}"
+if [ $status -ne 0 ]; then
+  echo "bench.sh: the bench exited with status $status (a case failed: ERROR OCCURRED above)" >&2
+  exit $status
+fi
