@@ -302,7 +302,7 @@ bool check_baseline(double tolerance) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int run_bench(int argc, char** argv) {
   bench::Options o = bench::Options::parse(argc, argv);
   if (o.check) {
     const bool f = check_baseline<float>(1e-5), d = check_baseline<double>(1e-12);
@@ -334,3 +334,5 @@ int main(int argc, char** argv) {
       },
       benchmark::kMillisecond, false);
 }
+
+int main(int argc, char** argv) { return bench::main_reporting_errors(run_bench, argc, argv); }

@@ -347,7 +347,7 @@ bool check_baseline(const char* type, double bound) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int run_bench(int argc, char** argv) {
   bench::Options o = bench::Options::parse(argc, argv);
   if (o.types.empty()) o.types = {"float"};
   int devices = 0;
@@ -385,3 +385,5 @@ int main(int argc, char** argv) {
       },
       benchmark::kMillisecond, true);
 }
+
+int main(int argc, char** argv) { return bench::main_reporting_errors(run_bench, argc, argv); }

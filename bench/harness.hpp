@@ -297,6 +297,17 @@ inline void fail_case(benchmark::State& st, const std::string& why) {
 /// way, but not a failure.
 inline void skip_case(benchmark::State& st, const std::string& why) { st.SkipWithError(why.c_str()); }
 
+/// A bench's main: a bad flag or method name (std::invalid_argument from Options or MethodSpec)
+/// or any other escaping exception is one line on stderr and exit status 2, not an abort.
+inline int main_reporting_errors(int (*run)(int, char**), int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 2;
+  }
+}
+
 /// Registers one Google Benchmark per case for which make(case) gives a body (an empty
 /// std::function: the operator is not in this build), then runs them.
 inline int run_main(const Options& o, const std::vector<Case>& cases,
