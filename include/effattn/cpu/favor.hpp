@@ -3,7 +3,8 @@
 // Every (batch, head) streams its tokens in tiles, so scratch is O(tile · M + M · Dv) and never
 // grows with N; features are Eigen GEMMs on token tiles.
 //   bidirectional: pass 1 finds the key stabilizers, pass 2 accumulates S, z, pass 3 maps query
-//     tiles through S, z.
+//     tiles through S, z; for positive, passes 1 and 2 are one, rescaled online
+//     (accumulate_positive_online).
 //   causal: the same pass 1 (over all valid keys, DESIGN.md), then query chunks in order: prefix
 //     state (S, z) for the keys every row of the chunk sees, plus the chunk's own triangle done
 //     quadratically (phi(Q_c) phi(K_c)ᵀ masked), then the chunk's keys join the state.
@@ -270,7 +271,7 @@ class Runner {
   }
 
   void run() {
-    key_scale();
+    if (!online_keys()) key_scale();
     if (p_.causal)
       causal_sweep([&](const Chunk& ch, const RowMap* fk, const ConstRowMap* vk) {
         RowMap fq = features(false, ch.i0, ch.n, sc_.qfeat);
@@ -288,7 +289,7 @@ class Runner {
 
   /// The gradients of this head: writes g.dq, adds to g.dk and g.dv.
   void backward(const HeadGrad<T>& g) {
-    key_scale();
+    if (!online_keys()) key_scale();
     if (p_.causal)
       backward_causal(g);
     else
@@ -296,6 +297,8 @@ class Runner {
   }
 
  private:
+  /// Bidirectional positive: the key constants come with S, z (accumulate_positive_online).
+  bool online_keys() const { return !p_.causal && p_.map == FeatureMap::positive; }
   bool key_ok(int64_t j) const { return p_.key_valid == nullptr || p_.key_valid[j] != 0; }
   bool query_ok(int64_t i) const { return p_.query_valid == nullptr || p_.query_valid[i] != 0; }
   bool sees_a_key(int64_t i) const {
@@ -360,6 +363,11 @@ class Runner {
         }
       }
     }
+    set_key_constants(c, peak);
+  }
+
+  /// ks_ from the key maxima: c (max u, or trig's max |k'|²/2) and peak (positive only).
+  void set_key_constants(T c, T peak) {
     if (!std::isfinite(c)) return;  // no valid finite key: nothing will use the constants
     if (p_.map == FeatureMap::trig) {
       ks_.shift = c;
@@ -368,6 +376,64 @@ class Runner {
       ks_.shift = peak + std::max(T(0), lambda);
       ks_.floor = std::exp(std::min(T(0), lambda));
     }
+  }
+
+  /// Bidirectional, positive map: key_scale's constants and S, z in one pass over the keys (a
+  /// projection fewer than key_scale, then accumulate). Against the running peak p of
+  /// max_f u − |k'|²/2, per tile: E = exp(u − |k'|²/2 − p) (positive_feature_row, floor 0),
+  /// A += Eᵀ V, a += Eᵀ 1, b += Σ v, n += 1 over the valid keys, A and a rescaled by exp(p_old − p)
+  /// when p grows, as an online softmax does. Then, with the final shift and floor,
+  /// phî = exp(p − shift) E + floor gives S = exp(p − shift) A + floor 1 bᵀ and
+  /// z = exp(p − shift) a + floor n: the same sums, in other order. A row whose max_f u − |k'|²/2
+  /// is not finite has E = 0 or NaN whatever the finite reference, so it takes p or 0.
+  void accumulate_positive_online() {
+    constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+    ks_ = KeyScale{};
+    S().setZero();
+    z().setZero();
+    Column b(s_.backward ? sc_.g : sc_.num, s_.Dv);  // b = Σ v (that scratch is free until the query pass)
+    b.setZero();
+    T c = kNegInf, peak = kNegInf, count = 0;
+    const int64_t nk = p_.k.rows, M = s_.M;
+    for (int64_t t0 = 0; t0 < nk; t0 += kTile) {
+      const int64_t n = std::min(kTile, nk - t0);
+      if (mark_keys(t0, n) == 0) continue;
+      RowMap f = rows(sc_.feat, n, s_.Mf);
+      project(p_.k, t0, n, f);
+      T tile_peak = kNegInf;
+      for (int64_t r = 0; r < n; ++r) {
+        if (sc_.keep[r] == T(0)) continue;
+        const T mx = f.row(r).head(M).maxCoeff(), a = mx - sc_.sq[r];
+        if (std::isfinite(mx)) c = std::max(c, mx);
+        if (std::isfinite(a)) tile_peak = std::max(tile_peak, a);
+      }
+      if (tile_peak > peak) {
+        if (std::isfinite(peak)) {
+          const T alpha = std::exp(peak - tile_peak);
+          S() *= alpha;
+          z() *= alpha;
+        }
+        peak = tile_peak;
+      }
+      const T ref = std::isfinite(peak) ? peak : T(0);
+      for (int64_t r = 0; r < n; ++r) {
+        if (sc_.keep[r] == T(0)) {
+          f.row(r).setZero();
+          continue;
+        }
+        positive_feature_row(&f(r, 0), M, sc_.sq[r] + ref, T(0), static_cast<T*>(nullptr));
+        count += 1;
+      }
+      const ConstRowMap vt = values(t0, n);
+      S().noalias() += f.transpose() * vt;
+      z() += f.colwise().sum().transpose().array();
+      b += vt.colwise().sum().transpose().array();
+    }
+    set_key_constants(c, peak);
+    const T factor = std::exp((std::isfinite(peak) ? peak : T(0)) - ks_.shift);
+    S() *= factor;
+    S().rowwise() += (ks_.floor * b).matrix().transpose();
+    z() = factor * z() + ks_.floor * count;
   }
 
   /// phî (see the top comment) of rows [r0, r0 + n) of q (keys = false) or k into `out` [n, Mf]
@@ -453,6 +519,14 @@ class Runner {
     return dx;
   }
 
+  /// S, z over all keys for the bidirectional forward and backward.
+  void bidirectional_state() {
+    if (online_keys()) return accumulate_positive_online();
+    S().setZero();
+    z().setZero();
+    accumulate(0, p_.k.rows);
+  }
+
   /// S += phî(K)ᵀ V, z += phî(K)ᵀ 1 over keys [j0, j1), a tile at a time.
   void accumulate(int64_t j0, int64_t j1) {
     for (int64_t t0 = j0; t0 < j1; t0 += kTile) {
@@ -483,9 +557,7 @@ class Runner {
   }
 
   void run_bidirectional() {
-    S().setZero();
-    z().setZero();
-    accumulate(0, p_.k.rows);
+    bidirectional_state();
     for (int64_t i0 = 0; i0 < p_.q.rows; i0 += kTile) {
       const int64_t n = std::min(kTile, p_.q.rows - i0);
       const RowMap f = features(false, i0, n, sc_.feat);
@@ -639,9 +711,7 @@ class Runner {
   }
 
   void backward_bidirectional(const HeadGrad<T>& hg) {
-    S().setZero();
-    z().setZero();
-    accumulate(0, p_.k.rows);
+    bidirectional_state();
     dS().setZero();
     dz().setZero();
     for (int64_t i0 = 0; i0 < p_.q.rows; i0 += kTile) {
