@@ -154,6 +154,22 @@ TYPED_TEST(FavorBackwardCpu, ExplicitScaleEpsAndInputRanges) {
         run_case<TypeParam>({1, 2, 2, 200, 200, 64, 64, 64, map, causal, true, Layout::bhsd, false, 0, 0, stddev});
 }
 
+// The bidirectional positive key pass rescales its sums when a key tile raises the running key
+// max (see FavorCpu.KeyMaxGrowingAcrossTiles): keys growing and shrinking tile by tile.
+TYPED_TEST(FavorBackwardCpu, KeyMaxGrowingAcrossTiles) {
+  EFFATTN_TRACE_SEED();
+  for (bool growing : {true, false}) {
+    SCOPED_TRACE(growing ? "growing" : "shrinking");
+    const int64_t N = 3 * 256 + 37;
+    Problem<TypeParam> p({1, 2, 2, N, N, 32, 32, 64, FeatureMap::positive, false, false});
+    ASSERT_TRUE(plant_key_maxima(p, growing));
+    p.forward();
+    GradData<TypeParam> g(p.q.view, p.k.view, p.v.view, p.c.layout);
+    p.backward(g);
+    g.expect_matches(p.reference(), tolerance<TypeParam>(p.condition()));
+  }
+}
+
 TYPED_TEST(FavorBackwardCpu, ThreadCountsAgree) {
   for (int threads : {1, 2, 3})
     run_case<TypeParam>({2, 3, 3, 200, 200, 32, 32, 40, FeatureMap::positive, threads != 2, true}, threads);

@@ -4,6 +4,7 @@
 #pragma once
 #include <effattn/effattn.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -107,5 +108,55 @@ struct FavorData {
                                      effattn::Exec<effattn::Cpu>{threads});
   }
 };
+
+/// For the bidirectional positive key pass, which rescales its sums whenever a key tile (256 keys)
+/// raises the running key max. The random keys are scaled by 1/4 (their max_f u − |k'|²/2 stays
+/// near 2), then the first key of each tile t becomes beta_t w / sqrt(scale), w the longest
+/// projection row, whose max_f u − |k'|²/2 = |w|² (beta − beta²/2) is 0.2, 0.3, 0.4, 0.5 times |w|²
+/// (about 32) when growing, or the reverse: growing, each tile raises the max by about e^3. Batch 0,
+/// every key head, default scale 1/sqrt(D), c.Nk > 768. Returns whether the tile maxima (computed
+/// here in double) came out as intended: strictly rising, or falling.
+template <class T>
+bool plant_key_maxima(FavorData<T>& d, bool growing) {
+  const int64_t D = d.c.D, M = d.c.M;
+  const double root_scale = std::pow(static_cast<double>(D), -0.25);
+  bool as_intended = true;
+  for (int64_t h = 0; h < d.c.Hk; ++h) {
+    const int64_t ph = d.c.shared_projection ? 0 : h;
+    const float* w = d.proj.w.data() + ph * M * D;
+    int64_t longest = 0;
+    double longest_sq = 0;
+    for (int64_t f = 0; f < M; ++f) {
+      double sq = 0;
+      for (int64_t c = 0; c < D; ++c) sq += static_cast<double>(w[f * D + c]) * w[f * D + c];
+      if (sq > longest_sq) longest_sq = sq, longest = f;
+    }
+    for (int64_t j = 0; j < d.c.Nk; ++j)
+      for (int64_t c = 0; c < D; ++c) d.k.view(0, h, j, c) *= T(0.25);
+    for (int64_t t = 0; t < 4; ++t) {
+      const double frac = 0.1 * static_cast<double>(growing ? t + 2 : 5 - t);  // beta − beta²/2
+      const double beta = 1 - std::sqrt(1 - 2 * frac);
+      for (int64_t c = 0; c < D; ++c)
+        d.k.view(0, h, 256 * t, c) = static_cast<T>(beta / root_scale * w[longest * D + c]);
+    }
+    double previous = growing ? -INFINITY : INFINITY;
+    for (int64_t t0 = 0; t0 < d.c.Nk; t0 += 256) {
+      double tile_max = -INFINITY;
+      for (int64_t j = t0; j < std::min<int64_t>(d.c.Nk, t0 + 256); ++j) {
+        double sq = 0, top = -INFINITY;
+        for (int64_t c = 0; c < D; ++c) sq += std::pow(root_scale * static_cast<double>(d.k.view(0, h, j, c)), 2);
+        for (int64_t f = 0; f < M; ++f) {
+          double u = 0;
+          for (int64_t c = 0; c < D; ++c) u += root_scale * static_cast<double>(d.k.view(0, h, j, c)) * w[f * D + c];
+          top = std::max(top, u);
+        }
+        tile_max = std::max(tile_max, top - sq / 2);
+      }
+      if (t0 / 256 < 4) as_intended = as_intended && (growing ? tile_max > previous : tile_max < previous);
+      previous = tile_max;
+    }
+  }
+  return as_intended;
+}
 
 }  // namespace favor_cases

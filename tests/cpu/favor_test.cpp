@@ -32,10 +32,8 @@ struct Problem : FavorData<T> {
 };
 
 template <class T>
-void run_case(const Case& c, int threads = 0) {
-  SCOPED_TRACE(describe(c));
-  EFFATTN_TRACE_SEED();
-  Problem<T> p(c);
+void run_problem(Problem<T>& p, int threads = 0) {
+  const Case& c = p.c;
   const T sentinel = T(12345);
   mark_outside(p.out, sentinel);
   p.forward(threads);
@@ -46,6 +44,14 @@ void run_case(const Case& c, int threads = 0) {
   EXPECT_LE(err, tolerance<T>(condition)) << "condition number " << condition;
   if (std::getenv("FAVOR_TEST_VERBOSE")) std::printf("%-90s err %.3g cond %.3g ratio %.3g\n", describe(c).c_str(), err, condition, err / cpu_tolerance<T>() / condition);
   EXPECT_TRUE(outside_untouched(p.out, sentinel)) << "wrote outside the out view";
+}
+
+template <class T>
+void run_case(const Case& c, int threads = 0) {
+  SCOPED_TRACE(describe(c));
+  EFFATTN_TRACE_SEED();
+  Problem<T> p(c);
+  run_problem(p, threads);
 }
 
 
@@ -177,6 +183,20 @@ TYPED_TEST(FavorCpu, MaskedKeysEqualRemovedKeys) {
     const auto r = compact.accurate(&condition);
     EXPECT_LE(relative_error(p.out.view, r), tolerance<TypeParam>(condition));
     EXPECT_LE(relative_error(out2.view, r), tolerance<TypeParam>(condition));
+  }
+}
+
+// The bidirectional positive key pass rescales what it has summed whenever a key tile raises the
+// running key max (plant_key_maxima: every tile does, or none), against the reference, which takes
+// the key max over all keys at once. FavorBackwardCpu.KeyMaxGrowingAcrossTiles does the backward.
+TYPED_TEST(FavorCpu, KeyMaxGrowingAcrossTiles) {
+  EFFATTN_TRACE_SEED();
+  for (bool growing : {true, false}) {
+    SCOPED_TRACE(growing ? "growing" : "shrinking");
+    const int64_t N = 3 * 256 + 37, D = 32, M = 64;
+    Problem<TypeParam> p({1, 2, 2, N, N, D, D, M, FeatureMap::positive, false, false});
+    ASSERT_TRUE(plant_key_maxima(p, growing));
+    run_problem(p);
   }
 }
 
