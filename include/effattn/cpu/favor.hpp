@@ -379,7 +379,7 @@ class Runner {
   }
 
   /// Bidirectional, positive map: key_scale's constants and S, z in one pass over the keys (a
-  /// projection fewer than key_scale, then accumulate). Against the running peak p of
+  /// projection fewer than key_scale then accumulate). Against the running peak p of
   /// max_f u − |k'|²/2, per tile: E = exp(u − |k'|²/2 − p) (positive_feature_row, floor 0),
   /// A += Eᵀ V, a += Eᵀ 1, b += Σ v, n += 1 over the valid keys, A and a rescaled by exp(p_old − p)
   /// when p grows, as an online softmax does. Then, with the final shift and floor,
