@@ -110,13 +110,12 @@ struct FavorData {
 };
 
 /// For the bidirectional positive key pass, which rescales its sums whenever a key tile (256 keys)
-/// raises the running key max. The random keys are scaled by 1/4 (their max_f u − |k'|²/2 stays
-/// near 2), then the first key of each tile t becomes beta_t w / sqrt(scale), w the longest
-/// projection row, whose max_f u − |k'|²/2 = |w|² (beta − beta²/2) is 0.2, 0.3, 0.4, 0.5 times |w|²
-/// (|w|² near 32 to 40) when growing, or the reverse: growing, each tile raises the max by
-/// 0.1 |w|², a factor e^3 to e^4. Batch 0,
-/// every key head, default scale 1/sqrt(D), c.Nk > 768. Returns whether the tile maxima (computed
-/// here in double) came out as intended: strictly rising, or falling.
+/// raises the running key max. The random keys are scaled by 1/4, then the first key of each tile
+/// t becomes beta_t w / sqrt(scale), w the longest projection row, whose max_f u − |k'|²/2 =
+/// |w|² (beta − beta²/2) is 0.2, 0.3, 0.4, 0.5 times |w|² (growing) or the reverse: growing, each
+/// tile raises the max by 0.1 |w|², a factor e^3 to e^4 for |w|² of 32 to 40. Batch 0, every key
+/// head, default scale 1/sqrt(D), c.Nk > 768. Returns whether the tile maxima (computed here in
+/// double over every key) came out as intended: strictly rising, or falling.
 template <class T>
 bool plant_key_maxima(FavorData<T>& d, bool growing) {
   const int64_t D = d.c.D, M = d.c.M;
