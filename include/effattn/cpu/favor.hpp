@@ -349,12 +349,7 @@ class Runner {
       RowMap f = rows(sc_.feat, n, s_.Mf);
       if (p_.map == FeatureMap::positive) {
         project(p_.k, j0, n, f);
-        for (int64_t r = 0; r < n; ++r) {
-          if (!key_ok(j0 + r)) continue;
-          const T mx = f.row(r).head(s_.M).maxCoeff(), a = mx - sc_.sq[r];
-          if (std::isfinite(mx)) c = std::max(c, mx);
-          if (std::isfinite(a)) peak = std::max(peak, a);
-        }
+        fold_key_maxima(f, j0, n, c, peak);
       } else {
         const auto xr = detail_tiles::rows_of(p_.k, j0, n, sc_.x);
         for (int64_t r = 0; r < n; ++r) {
@@ -364,6 +359,17 @@ class Runner {
       }
     }
     set_key_constants(c, peak);
+  }
+
+  /// Positive: folds the valid keys of a projected tile (rows [j0, j0 + n), u in f, s|k|²/2 in
+  /// sq) into c = max u and peak = max (max_f u − |k'|²/2), skipping non-finite values.
+  void fold_key_maxima(const RowMap& f, int64_t j0, int64_t n, T& c, T& peak) const {
+    for (int64_t r = 0; r < n; ++r) {
+      if (!key_ok(j0 + r)) continue;
+      const T mx = f.row(r).head(s_.M).maxCoeff(), a = mx - sc_.sq[r];
+      if (std::isfinite(mx)) c = std::max(c, mx);
+      if (std::isfinite(a)) peak = std::max(peak, a);
+    }
   }
 
   /// ks_ from the key maxima: c (max u, or trig's max |k'|²/2) and peak (positive only).
@@ -401,12 +407,7 @@ class Runner {
       RowMap f = rows(sc_.feat, n, s_.Mf);
       project(p_.k, t0, n, f);
       T tile_peak = kNegInf;
-      for (int64_t r = 0; r < n; ++r) {
-        if (sc_.keep[r] == T(0)) continue;
-        const T mx = f.row(r).head(M).maxCoeff(), a = mx - sc_.sq[r];
-        if (std::isfinite(mx)) c = std::max(c, mx);
-        if (std::isfinite(a)) tile_peak = std::max(tile_peak, a);
-      }
+      fold_key_maxima(f, t0, n, c, tile_peak);
       if (tile_peak > peak) {
         if (std::isfinite(peak)) {
           const T alpha = std::exp(peak - tile_peak);
