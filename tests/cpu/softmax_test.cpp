@@ -2,6 +2,8 @@
 // grouped heads, poisoned outputs, and nothing written outside `out`.
 #include <effattn/effattn.hpp>
 
+#include <cstring>
+
 #include "reference/softmax.hpp"
 #include "test_util.hpp"
 
@@ -91,6 +93,30 @@ TYPED_TEST(SoftmaxCpu, ExplicitScale) {
 // Logits of several hundred (inputs x30): no overflow, and float error within 2x that of the
 // naive float math (max-subtracted two-pass softmax) on the same inputs; at these magnitudes
 // float rounding of the logits alone exceeds 1e-5, so DESIGN.md's 1e-5 cannot apply.
+/// The relative error of the naive float computation (one head, default scale) against `r`: large
+/// logits lose digits to their own rounding, so tests with them allow twice this.
+double naive_float_error(const HostTensor<float>& q, const HostTensor<float>& k, const HostTensor<float>& v,
+                         const ref::Result& r) {
+  const int64_t Nq = q.view.shape[2], N = k.view.shape[2], D = q.view.shape[3], Dv = v.view.shape[3];
+  HostTensor<float> naive(1, 1, Nq, Dv);
+  std::vector<float> w(N);
+  for (int64_t i = 0; i < Nq; ++i) {
+    float mx = -INFINITY, sum = 0;
+    for (int64_t j = 0; j < N; ++j) {
+      float dot = 0;
+      for (int64_t c = 0; c < D; ++c) dot += q.view(0, 0, i, c) * k.view(0, 0, j, c);
+      mx = std::max(mx, w[j] = dot / std::sqrt(float(D)));
+    }
+    for (int64_t j = 0; j < N; ++j) sum += w[j] = std::exp(w[j] - mx);
+    for (int64_t c = 0; c < Dv; ++c) {
+      float o = 0;
+      for (int64_t j = 0; j < N; ++j) o += w[j] * v.view(0, 0, j, c);
+      naive.view(0, 0, i, c) = o / sum;
+    }
+  }
+  return relative_error(naive.view, r);
+}
+
 TEST(SoftmaxCpu, LargeLogitsStayFiniteAndAccurate) {
   EFFATTN_TRACE_SEED();
   const int64_t N = 300, D = 64;
@@ -101,25 +127,7 @@ TEST(SoftmaxCpu, LargeLogitsStayFiniteAndAccurate) {
   out.poison();
   effattn::attention<effattn::Cpu>(effattn::Softmax{}, q.cview(), k.cview(), v.cview(), out.view);
   const auto r = ref::softmax(q.cview(), k.cview(), v.cview(), {}, 0, false);
-  // The naive float computation.
-  HostTensor<float> naive(1, 1, N, D);
-  std::vector<float> w(N);
-  for (int64_t i = 0; i < N; ++i) {
-    float mx = -INFINITY, sum = 0;
-    for (int64_t j = 0; j < N; ++j) {
-      float dot = 0;
-      for (int64_t c = 0; c < D; ++c) dot += q.view(0, 0, i, c) * k.view(0, 0, j, c);
-      mx = std::max(mx, w[j] = dot / std::sqrt(float(D)));
-    }
-    for (int64_t j = 0; j < N; ++j) sum += w[j] = std::exp(w[j] - mx);
-    for (int64_t c = 0; c < D; ++c) {
-      float o = 0;
-      for (int64_t j = 0; j < N; ++j) o += w[j] * v.view(0, 0, j, c);
-      naive.view(0, 0, i, c) = o / sum;
-    }
-  }
-  const double naive_err = relative_error(naive.view, r);
-  EXPECT_LE(relative_error(out.view, r), std::max(2 * naive_err, 1e-5));
+  EXPECT_LE(relative_error(out.view, r), std::max(2 * naive_float_error(q, k, v, r), 1e-5));
 }
 
 TYPED_TEST(SoftmaxCpu, ThreadCountsAgree) {
@@ -353,6 +361,134 @@ TYPED_TEST(SoftmaxCpu, RowLogSumExpMatchesFloat64) {
           EXPECT_NEAR(double(lse[size_t(i)]), expected, cpu_tolerance<T>() * std::max(1.0, std::abs(expected))) << "row " << i;
       }
     }
+}
+
+// ---- The tile kernel's exp2 ----------------------------------------------------------------------
+
+// exp2_neg element by element against exp2 in long double over [-130, 0] and at its edges: a few
+// ulps where the result is normal (the polynomial's error is far below one), 0 below the normal
+// range (never a subnormal), 0 for -inf, NaN for NaN.
+template <class T>
+void check_exp2_neg() {
+  using P = typename effattn::cpu::detail_tiles::Simd<T>::P;
+  constexpr int L = effattn::cpu::detail_tiles::Simd<T>::L;
+  const long double eps = std::numeric_limits<T>::epsilon();
+  const T tiny = std::numeric_limits<T>::min();
+  std::uniform_real_distribution<double> arg(std::is_same_v<T, float> ? -130.0 : -1030.0, 0.0);
+  std::vector<T> x(4096), y(4096);
+  for (auto& v : x) v = static_cast<T>(arg(rng()));
+  const T edges[] = {T(0), -T(0), T(-1) / 16, T(-0.5), T(-1), T(-125), T(-126), T(-1022), T(-1023),
+                     -std::numeric_limits<T>::infinity(), std::numeric_limits<T>::quiet_NaN()};
+  std::copy(std::begin(edges), std::end(edges), x.begin());
+  for (size_t i = 0; i < x.size(); i += L)
+    Eigen::internal::pstoreu(y.data() + i, effattn::cpu::detail_tiles::exp2_neg(Eigen::internal::ploadu<P>(x.data() + i)));
+  for (size_t i = 0; i < x.size(); ++i) {
+    SCOPED_TRACE(::testing::Message() << "x " << x[i]);
+    const long double e = std::exp2(static_cast<long double>(x[i]));
+    if (std::isnan(x[i])) {
+      EXPECT_TRUE(std::isnan(y[i]));
+    } else if (e < 2 * static_cast<long double>(tiny)) {  // the last binade above 0 may be flushed
+      EXPECT_TRUE(y[i] == T(0) || std::abs(y[i] - e) <= 3 * eps * e) << y[i];
+    } else {
+      EXPECT_LE(std::abs(y[i] - e), 3 * eps * e) << y[i];
+    }
+    EXPECT_FALSE(y[i] != T(0) && std::abs(y[i]) < tiny) << "subnormal " << y[i];
+  }
+}
+
+TEST(SoftmaxTiles, Exp2NegMatchesLongDouble) {
+  EFFATTN_TRACE_SEED();
+  check_exp2_neg<float>();
+  check_exp2_neg<double>();
+}
+
+#if defined(EIGEN_VECTORIZE_AVX2) && defined(EIGEN_VECTORIZE_FMA) && !defined(EIGEN_VECTORIZE_AVX512)
+// The folded AVX2 exp 2^(s − m) (reference m on the 1/8 grid, |m| <= 2^19): without the clamp
+// it is bit for bit the clamped one for s >= m − 125 and a few ulps from exp2; with the clamp,
+// s below m − 125 gives a value in [0, 2^-124], never a subnormal; NaN stays NaN either way.
+TEST(SoftmaxTiles, ShiftedExp2MatchesLongDouble) {
+  EFFATTN_TRACE_SEED();
+  using namespace effattn::cpu::detail_tiles;
+  const long double eps = std::numeric_limits<float>::epsilon();
+  std::uniform_int_distribution<int> grid(-8 * 4096, 8 * 4096);
+  std::uniform_real_distribution<double> below(-125.0, 0.0), far(-400.0, -125.0);
+  for (int trial = 0; trial < 64; ++trial) {
+    const float m = static_cast<float>(grid(rng())) / 8;
+    SCOPED_TRACE(::testing::Message() << "m " << m);
+    const __m256 c1 = _mm256_set1_ps(1572864.0f - m), lo = _mm256_set1_ps(m - 125.0f);
+    alignas(32) float s[8], clamped[8], bare[8];
+    for (int rep = 0; rep < 64; ++rep) {
+      for (float& v : s) v = std::max(m - 125.0f, static_cast<float>(m + below(rng())));
+      if (rep == 0) s[0] = m, s[1] = m - 125.0f, s[2] = std::numeric_limits<float>::quiet_NaN();
+      _mm256_store_ps(clamped, exp2_shifted_avx2<true>(_mm256_load_ps(s), c1, lo));
+      _mm256_store_ps(bare, exp2_shifted_avx2<false>(_mm256_load_ps(s), c1, lo));
+      for (int l = 0; l < 8; ++l) {
+        SCOPED_TRACE(::testing::Message() << "s " << s[l]);
+        if (std::isnan(s[l])) {
+          EXPECT_TRUE(std::isnan(clamped[l]) && std::isnan(bare[l]));
+          continue;
+        }
+        EXPECT_EQ(std::memcmp(&clamped[l], &bare[l], sizeof(float)), 0) << clamped[l] << " " << bare[l];
+        const long double e = std::exp2(static_cast<long double>(s[l]) - static_cast<long double>(m));
+        EXPECT_LE(std::abs(bare[l] - e), 3 * eps * e) << bare[l];
+      }
+      for (float& v : s) v = static_cast<float>(m + far(rng()));
+      if (rep == 0) s[0] = -std::numeric_limits<float>::infinity();
+      _mm256_store_ps(clamped, exp2_shifted_avx2<true>(_mm256_load_ps(s), c1, lo));
+      for (int l = 0; l < 8; ++l) {
+        if (s[l] >= m - 125.0f) continue;  // rounding put it back in range
+        EXPECT_TRUE(clamped[l] >= std::numeric_limits<float>::min() && clamped[l] <= std::ldexp(1.0f, -124))
+            << "s " << s[l] << " gives " << clamped[l];
+      }
+    }
+  }
+}
+#endif
+
+// Within one key tile, rows whose logits lie within 125 (log2 units) of their max take the exp
+// without the clamp, the others with it; both against the float64 reference. Keys are +w or -w
+// plus a little noise and query i is c_i w plus noise: block 0 (rows 0-15) spreads over ~60; in
+// block 1 (rows 16-31) half the keys sit ~245 below the max, where an exp without the clamp would
+// wrap its exponent into finite weights of -2^1..-2^21 (so not into a non-finite sum the exact
+// path would catch); checked here in double: those keys lie 230-270 below, the others within 40.
+// Logits this large lose digits to their own rounding: the bound is LargeLogits' (2× naive float).
+TEST(SoftmaxCpu, LogitSpreadAboveAndBelowTheClamp) {
+  EFFATTN_TRACE_SEED();
+  const int64_t N = 256, Nq = 32, D = 64;
+  HostTensor<float> q(1, 1, Nq, D), k(1, 1, N, D), v(1, 1, N, D), out(1, 1, Nq, D), noise_q(1, 1, Nq, D),
+      noise_k(1, 1, N, D);
+  noise_q.fill_normal(0.05);
+  noise_k.fill_normal(0.05);
+  v.fill_normal();
+  out.poison();
+  std::normal_distribution<double> normal;
+  std::vector<double> w(D);
+  double w2 = 0;
+  for (double& x : w) x = normal(rng()), w2 += x * x;
+  const double scale = 1 / std::sqrt(double(D)), log2e = 1.4426950408889634;
+  for (int64_t j = 0; j < N; ++j)
+    for (int64_t c = 0; c < D; ++c) k.view(0, 0, j, c) = static_cast<float>((j % 2 ? -w[c] : w[c]) + noise_k.view(0, 0, j, c));
+  for (int64_t i = 0; i < Nq; ++i) {
+    const double gap = i < 16 ? 60 : 245, ci = gap / (2 * w2 * scale * log2e);  // between the two modes
+    for (int64_t c = 0; c < D; ++c) q.view(0, 0, i, c) = static_cast<float>(ci * w[c] + noise_q.view(0, 0, i, c));
+  }
+  for (int64_t i = 0; i < Nq; ++i) {
+    std::vector<double> s(N);
+    for (int64_t j = 0; j < N; ++j) {
+      double dot = 0;
+      for (int64_t c = 0; c < D; ++c) dot += double(q.view(0, 0, i, c)) * k.view(0, 0, j, c);
+      s[j] = dot * scale * log2e;
+    }
+    const double hi = *std::max_element(s.begin(), s.end()), lo = *std::min_element(s.begin(), s.end());
+    if (i < 16) {
+      ASSERT_LT(hi - lo, 100) << "row " << i;
+    } else {
+      for (double x : s) ASSERT_TRUE(x >= hi - 40 || (x <= hi - 230 && x >= hi - 270)) << "row " << i << " logit " << x - hi;
+    }
+  }
+  effattn::attention<effattn::Cpu>(effattn::Softmax{}, q.cview(), k.cview(), v.cview(), out.view);
+  const auto r = ref::softmax(q.cview(), k.cview(), v.cview(), {}, 0, false);
+  EXPECT_LE(relative_error(out.view, r), std::max(2 * naive_float_error(q, k, v, r), 1e-5));
 }
 
 }  // namespace

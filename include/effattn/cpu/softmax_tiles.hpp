@@ -181,6 +181,19 @@ EIGEN_ALWAYS_INLINE __m128d pow2_of_magic(const __m128d& t, const __m128d&) {
 #endif
 
 #if defined(EIGEN_VECTORIZE_AVX2) && defined(EIGEN_VECTORIZE_FMA)
+/// 2^(j/8) · 2^n for t = (1.5·2^20 + x rounded to a multiple of 1/8), x = n + j/8, -125 <= n <= 0:
+/// t's mantissa ends in the bits of 8n + j, so t << 20 is n·2^23 + j·2^20 (mod 2^32), and the
+/// table holds bits(2^(j/8)) − j·2^20: one integer add leaves bits(2^(j/8)) + n·2^23, without
+/// masking j off first. vpermps reads j = t & 7.
+EIGEN_ALWAYS_INLINE __m256 pow2_of_eighths_avx2(const __m256 t) {
+  const __m256i table = _mm256_setr_epi32(0x3f800000, 0x3f8b95c2 - (1 << 20), 0x3f9837f0 - (2 << 20), 0x3fa5fed7 - (3 << 20),
+                                          0x3fb504f3 - (4 << 20), 0x3fc5672a - (5 << 20), 0x3fd744fd - (6 << 20),
+                                          0x3feac0c7 - (7 << 20));  // bits of 2^(j/8), rounded to nearest, less j·2^20
+  const __m256i k = _mm256_castps_si256(t);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(_mm256_permutevar8x32_ps(_mm256_castsi256_ps(table), k)),
+                                              _mm256_slli_epi32(k, 20)));
+}
+
 /// exp2_neg for 8 floats with AVX2: x = n + j/8 + f, |f| <= 1/16, 2^(j/8) from an 8-entry table
 /// in a register (vpermps) and a degree-3 minimax polynomial for 2^f (1.9e-8 before rounding;
 /// measured max relative error 1.6e-7 over [-125, 0], against 7.9e-8 for the portable version):
@@ -190,35 +203,28 @@ EIGEN_ALWAYS_INLINE __m256 exp2_neg_avx2(const __m256 x) {
   const __m256 magic = _mm256_set1_ps(1572864.0f);  // 1.5 * 2^20: x + magic rounds x to a multiple of 1/8
   const __m256 t = _mm256_add_ps(x, magic);
   const __m256 f = _mm256_sub_ps(x, _mm256_sub_ps(t, magic));
-  const __m256i k = _mm256_castps_si256(t);  // low bits: 8 (n + j/8); vpermps reads j = k & 7
-  const __m256 table = _mm256_setr_ps(1.0f, 1.0905077326652577f, 1.189207115002721f, 1.2968395546510096f,
-                                      1.4142135623730951f, 1.5422108254079407f, 1.681792830507429f, 1.8340080864093424f);
   __m256 y = _mm256_fmadd_ps(_mm256_set1_ps(0.05550931728962304f), f, _mm256_set1_ps(0.24026407983257964f));
   y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.6931471780166573f));
   y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.9999999816537269f));
-  // 2^n 2^(j/8): n << 23 = (k << 20) with the low 23 bits cleared, added to the table entry's
-  // exponent field (then a product with y, so a NaN x stays NaN whatever its bits do to k).
-  const __m256i e = _mm256_and_si256(_mm256_slli_epi32(k, 20), _mm256_set1_epi32(static_cast<int>(0xff800000u)));
-  y = _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(_mm256_permutevar8x32_ps(table, k)), e)));
+  // A product with y, so a NaN x stays NaN whatever its bits do to the table's index.
+  y = _mm256_mul_ps(y, pow2_of_eighths_avx2(t));
   return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-125.0f), _CMP_LT_OQ), y);
 }
 
 /// 2^(s - m) for a block without hidden lanes, m on the 1/8 grid and |m| <= 2^19, from c1 = 1.5·2^20 - m
 /// and lo = m - 125: the subtraction folded into the rounding constant, and a clamp at 2^-125 instead
 /// of the mask (2^-125 in place of a smaller weight is far below float's resolution of the sum,
-/// which holds a weight 1). Two fewer operations than exp2_neg(s - m). NaN stays NaN.
+/// which holds a weight 1). Two fewer operations than exp2_neg(s - m). NaN stays NaN. Clamp =
+/// false when the caller knows s >= lo (the block's tile minimum): one operation fewer again.
+template <bool Clamp>
 EIGEN_ALWAYS_INLINE __m256 exp2_shifted_avx2(const __m256 s, const __m256 c1, const __m256 lo) {
-  const __m256 x = _mm256_max_ps(lo, s);  // the second operand when NaN: s
-  const __m256 t = _mm256_add_ps(x, c1);  // 1.5·2^20 + (x - m) rounded to a multiple of 1/8
+  const __m256 x = Clamp ? _mm256_max_ps(lo, s) : s;  // the second operand when NaN: s
+  const __m256 t = _mm256_add_ps(x, c1);              // 1.5·2^20 + (x - m) rounded to a multiple of 1/8
   const __m256 f = _mm256_sub_ps(x, _mm256_sub_ps(t, c1));
-  const __m256i k = _mm256_castps_si256(t);
-  const __m256 table = _mm256_setr_ps(1.0f, 1.0905077326652577f, 1.189207115002721f, 1.2968395546510096f,
-                                      1.4142135623730951f, 1.5422108254079407f, 1.681792830507429f, 1.8340080864093424f);
   __m256 y = _mm256_fmadd_ps(_mm256_set1_ps(0.05550931728962304f), f, _mm256_set1_ps(0.24026407983257964f));
   y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.6931471780166573f));
   y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.9999999816537269f));
-  const __m256i e = _mm256_and_si256(_mm256_slli_epi32(k, 20), _mm256_set1_epi32(static_cast<int>(0xff800000u)));
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(_mm256_permutevar8x32_ps(table, k)), e)));
+  return _mm256_mul_ps(y, pow2_of_eighths_avx2(t));
 }
 #endif
 
@@ -699,13 +705,21 @@ void attend_rows(const HeadAttention<T>& p, int64_t i0, int64_t i1, detail::Aren
             c1[ib] = psub(pset1<P>(T(1572864)), msafe[ib]);
             lo[ib] = psub(msafe[ib], pset1<P>(T(125)));
           }
-          for (int64_t jj = 0; jj < je; ++jj)
-            EFFATTN_UNROLL
-            for (int ib = 0; ib < IB; ++ib) {
-              const P e = exp2_shifted_avx2(ploadu<P>(st + jj * W + ib * L), c1[ib], lo[ib]);
-              sum[ib] = padd(sum[ib], e);
-              pstoreu(st + jj * W + ib * L, e);
-            }
+          // No clamp needed when every logit of the block is within 125 of the reference (the
+          // common case: the tile min says so; NaN in it keeps the clamp).
+          bool clamp = false;
+          for (int ib = 0; ib < IB; ++ib) clamp = clamp || _mm256_movemask_ps(_mm256_cmp_ps(tmin[ib], lo[ib], _CMP_NGE_UQ)) != 0;
+          const auto weights = [&](auto clamp_tag) {
+            for (int64_t jj = 0; jj < je; ++jj)
+              EFFATTN_UNROLL
+              for (int ib = 0; ib < IB; ++ib) {
+                const P e = exp2_shifted_avx2<decltype(clamp_tag)::value>(ploadu<P>(st + jj * W + ib * L), c1[ib], lo[ib]);
+                sum[ib] = padd(sum[ib], e);
+                pstoreu(st + jj * W + ib * L, e);
+              }
+          };
+          if (clamp) weights(std::true_type{});
+          else weights(std::false_type{});
         }
       }
 #endif
