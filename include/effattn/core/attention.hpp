@@ -20,6 +20,9 @@ inline constexpr bool dependent_false = false;
 ///                                      const Masks&, const Exec<Backend>&);
 ///   template <class T> static size_t workspace_bytes(const Method&, Tensor<const T> q, k, v,
 ///                                                    const Exec<Backend>&);
+/// where the backend writes the softmax row statistics (static constexpr bool kHasLse = true),
+///   template <class T> static void run_with_lse(const Softmax&, q, k, v, out, Tensor<acc_t<T>> lse,
+///                                               const Masks&, const Exec<Backend>&);
 /// and, where the backend has the gradient (static constexpr bool kHasBackward = true),
 ///   template <class T> static void backward(const Method&, q, k, v, out, dout, const Grads<T>&,
 ///                                           const Masks&, const Exec<Backend>&);
@@ -48,6 +51,17 @@ template <class Backend, class Method>
 constexpr void require_backward() {
   static_assert(has_backward<Operator<Backend, Method>>::value,
                 "effattn: this backend has no attention_backward for this method yet (the CPU backend has all four)");
+}
+
+template <class Op, class = void>
+struct has_lse : std::false_type {};
+template <class Op>
+struct has_lse<Op, std::enable_if_t<Op::kHasLse>> : std::true_type {};
+
+template <class Backend>
+constexpr void require_lse() {
+  static_assert(has_lse<Operator<Backend, Softmax>>::value,
+                "effattn: this backend has no attention_with_lse yet (the CPU backend has it); use attention");
 }
 }  // namespace detail
 
@@ -110,9 +124,11 @@ void attention_with_lse(const Softmax& m, Tensor<const detail::identity_t<T>> q,
                         Tensor<const detail::identity_t<T>> k, Tensor<const detail::identity_t<T>> v, Tensor<T> out,
                         Tensor<acc_t<T>> lse, const Masks& masks = {}, const Exec<Backend>& exec = {}) {
   static_assert(!std::is_const_v<T>, "effattn::attention_with_lse: out must be a mutable Tensor<T>");
+  detail::require_lse<Backend>();
   detail::check_call_memory<Backend, Softmax, T>("effattn::attention_with_lse", m, exec, q, k, v, masks,
                                                  {detail::named("out", out), detail::named("lse", lse)});
-  Operator<Backend, Softmax>::template run_with_lse<T>(m, q, k, v, out, lse, masks, exec);
+  if constexpr (detail::has_lse<Operator<Backend, Softmax>>::value)  // else only require_lse's message
+    Operator<Backend, Softmax>::template run_with_lse<T>(m, q, k, v, out, lse, masks, exec);
 }
 
 /// The gradients of attention(m, q, k, v) for the upstream gradient dout [B, H, Nq, Dv]: writes
@@ -127,7 +143,8 @@ void attention_backward(const Method& m, Tensor<const detail::identity_t<T>> q,
   detail::require_backward<Backend, Method>();
   detail::check_call_memory<Backend, Method, T>("effattn::attention_backward", m, exec, q, k, v, masks,
                                                 detail::backward_ranges(out, dout, grads));
-  Operator<Backend, Method>::template backward<T>(m, q, k, v, out, dout, grads, masks, exec);
+  if constexpr (detail::has_backward<Operator<Backend, Method>>::value)
+    Operator<Backend, Method>::template backward<T>(m, q, k, v, out, dout, grads, masks, exec);
 }
 
 /// The softmax backward with the forward's lse (attention_with_lse): the row statistics are not
@@ -142,7 +159,8 @@ void attention_backward_with_lse(const Softmax& m, Tensor<const detail::identity
   detail::require_backward<Backend, Softmax>();
   detail::check_call_memory<Backend, Softmax, T>("effattn::attention_backward_with_lse", m, exec, q, k, v, masks,
                                                  detail::backward_ranges(out, dout, grads, &lse));
-  Operator<Backend, Softmax>::template backward_with_lse<T>(m, q, k, v, out, dout, lse, grads, masks, exec);
+  if constexpr (detail::has_backward<Operator<Backend, Softmax>>::value)
+    Operator<Backend, Softmax>::template backward_with_lse<T>(m, q, k, v, out, dout, lse, grads, masks, exec);
 }
 
 /// Scratch bytes attention<Backend>(m, q, k, v, ...) needs when the caller passes a workspace
@@ -165,8 +183,11 @@ size_t backward_workspace_bytes(const Method& m, Tensor<Q> q, Tensor<K> k, Tenso
   static_assert(std::is_same_v<T, std::remove_const_t<K>> && std::is_same_v<T, std::remove_const_t<V>>,
                 "effattn::backward_workspace_bytes: q, k and v must have one element type");
   detail::require_backward<Backend, Method>();
-  return Operator<Backend, Method>::template backward_workspace_bytes<T>(m, Tensor<const T>(q), Tensor<const T>(k),
-                                                                         Tensor<const T>(v), exec);
+  if constexpr (detail::has_backward<Operator<Backend, Method>>::value)
+    return Operator<Backend, Method>::template backward_workspace_bytes<T>(m, Tensor<const T>(q), Tensor<const T>(k),
+                                                                           Tensor<const T>(v), exec);
+  else
+    return 0;
 }
 
 }  // namespace effattn

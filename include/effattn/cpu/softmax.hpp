@@ -28,6 +28,7 @@ struct Operator<Cpu, Softmax> {
     forward<T>("effattn::attention<Cpu>(Softmax)", m, q, k, v, out, nullptr, masks, exec);
   }
 
+  static constexpr bool kHasLse = true;
   template <class T>
   static void run_with_lse(const Softmax& m, Tensor<const T> q, Tensor<const T> k, Tensor<const T> v, Tensor<T> out,
                            Tensor<T> lse, const Masks& masks, const Exec<Cpu>& exec) {
