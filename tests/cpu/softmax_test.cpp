@@ -90,11 +90,8 @@ TYPED_TEST(SoftmaxCpu, ExplicitScale) {
   run_case<TypeParam>({1, 2, 2, 300, 300, 64, 64, true, true, Layout::bhsd, -0.3f});
 }
 
-// Logits of several hundred (inputs x30): no overflow, and float error within 2x that of the
-// naive float math (max-subtracted two-pass softmax) on the same inputs; at these magnitudes
-// float rounding of the logits alone exceeds 1e-5, so DESIGN.md's 1e-5 cannot apply.
-/// The relative error of the naive float computation (one head, default scale) against `r`: large
-/// logits lose digits to their own rounding, so tests with them allow twice this.
+// The relative error of the naive float computation (one head, default scale) against `r`: large
+// logits lose digits to their own rounding, so tests with them allow twice this.
 double naive_float_error(const HostTensor<float>& q, const HostTensor<float>& k, const HostTensor<float>& v,
                          const ref::Result& r) {
   const int64_t Nq = q.view.shape[2], N = k.view.shape[2], D = q.view.shape[3], Dv = v.view.shape[3];
@@ -117,6 +114,9 @@ double naive_float_error(const HostTensor<float>& q, const HostTensor<float>& k,
   return relative_error(naive.view, r);
 }
 
+// Logits of several hundred (inputs x30): no overflow, and float error within 2x that of the
+// naive float math (max-subtracted two-pass softmax) on the same inputs; at these magnitudes
+// float rounding of the logits alone exceeds 1e-5, so DESIGN.md's 1e-5 cannot apply.
 TEST(SoftmaxCpu, LargeLogitsStayFiniteAndAccurate) {
   EFFATTN_TRACE_SEED();
   const int64_t N = 300, D = 64;
