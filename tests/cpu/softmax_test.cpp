@@ -402,27 +402,34 @@ TEST(SoftmaxTiles, Exp2NegMatchesLongDouble) {
   check_exp2_neg<double>();
 }
 
-#if defined(EIGEN_VECTORIZE_AVX2) && defined(EIGEN_VECTORIZE_FMA) && !defined(EIGEN_VECTORIZE_AVX512)
-// The folded AVX2 exp 2^(s − m) (reference m on the 1/8 grid, |m| <= 2^19): without the clamp
-// it is bit for bit the clamped one for s >= m − 125 and a few ulps from exp2; with the clamp,
-// s below m − 125 gives a value in [0, 2^-124], never a subnormal; NaN stays NaN either way.
+#if defined(EFFATTN_FOLDED_EXP)
+// The folded exp 2^(s − m) of this ISA (AVX2 or AVX-512; reference m on the 1/8 grid, |m| <=
+// kMaxReference): without the clamp it is bit for bit the clamped one for s >= m − 125 and a few
+// ulps from exp2; with the clamp, s below m − 125 gives a value in [0, 2^-124], never a subnormal;
+// NaN stays NaN either way.
 TEST(SoftmaxTiles, ShiftedExp2MatchesLongDouble) {
   EFFATTN_TRACE_SEED();
-  using namespace effattn::cpu::detail_tiles;
+  using effattn::cpu::detail_tiles::FoldedExp;
+  using Eigen::internal::ploadu;
+  using Eigen::internal::pset1;
+  using Eigen::internal::pstoreu;
+  using P = FoldedExp::P;
+  constexpr int L = FoldedExp::kLanes;
   const long double eps = std::numeric_limits<float>::epsilon();
   std::uniform_int_distribution<int> grid(-8 * 4096, 8 * 4096);
   std::uniform_real_distribution<double> below(-125.0, 0.0), far(-400.0, -125.0);
   for (int trial = 0; trial < 64; ++trial) {
-    const float m = static_cast<float>(grid(rng())) / 8;
+    // The largest references the fold allows, then random ones.
+    const float m = trial < 2 ? (trial == 0 ? 1 : -1) * FoldedExp::kMaxReference : static_cast<float>(grid(rng())) / 8;
     SCOPED_TRACE(::testing::Message() << "m " << m);
-    const __m256 c1 = _mm256_set1_ps(1572864.0f - m), lo = _mm256_set1_ps(m - 125.0f);
-    alignas(32) float s[8], clamped[8], bare[8];
+    const P c1 = pset1<P>(FoldedExp::kMagic - m), lo = pset1<P>(m - 125.0f);
+    float s[L], clamped[L], bare[L];
     for (int rep = 0; rep < 64; ++rep) {
       for (float& v : s) v = std::max(m - 125.0f, static_cast<float>(m + below(rng())));
       if (rep == 0) s[0] = m, s[1] = m - 125.0f, s[2] = std::numeric_limits<float>::quiet_NaN();
-      _mm256_store_ps(clamped, exp2_shifted_avx2<true>(_mm256_load_ps(s), c1, lo));
-      _mm256_store_ps(bare, exp2_shifted_avx2<false>(_mm256_load_ps(s), c1, lo));
-      for (int l = 0; l < 8; ++l) {
+      pstoreu(clamped, FoldedExp::weights<true>(ploadu<P>(s), c1, lo));
+      pstoreu(bare, FoldedExp::weights<false>(ploadu<P>(s), c1, lo));
+      for (int l = 0; l < L; ++l) {
         SCOPED_TRACE(::testing::Message() << "s " << s[l]);
         if (std::isnan(s[l])) {
           EXPECT_TRUE(std::isnan(clamped[l]) && std::isnan(bare[l]));
@@ -434,8 +441,8 @@ TEST(SoftmaxTiles, ShiftedExp2MatchesLongDouble) {
       }
       for (float& v : s) v = static_cast<float>(m + far(rng()));
       if (rep == 0) s[0] = -std::numeric_limits<float>::infinity();
-      _mm256_store_ps(clamped, exp2_shifted_avx2<true>(_mm256_load_ps(s), c1, lo));
-      for (int l = 0; l < 8; ++l) {
+      pstoreu(clamped, FoldedExp::weights<true>(ploadu<P>(s), c1, lo));
+      for (int l = 0; l < L; ++l) {
         if (s[l] >= m - 125.0f) continue;  // rounding put it back in range
         EXPECT_TRUE(clamped[l] >= std::numeric_limits<float>::min() && clamped[l] <= std::ldexp(1.0f, -124))
             << "s " << s[l] << " gives " << clamped[l];
@@ -447,14 +454,15 @@ TEST(SoftmaxTiles, ShiftedExp2MatchesLongDouble) {
 
 // Within one key tile, rows whose logits lie within 125 (log2 units) of their max take the exp
 // without the clamp, the others with it; both against the float64 reference. Keys are +w or -w
-// plus a little noise and query i is c_i w plus noise: block 0 (rows 0-15) spreads over ~60; in
-// block 1 (rows 16-31) half the keys sit ~245 below the max, where an exp without the clamp would
-// wrap its exponent into finite weights of -2^1..-2^21 (so not into a non-finite sum the exact
-// path would catch); checked here in double: those keys lie 230-270 below, the others within 40.
+// plus a little noise and query i is c_i w plus noise: block 0 (the first W rows: 16 with AVX2,
+// 32 with AVX-512) spreads over ~60; in block 1 (the next W) half the keys sit ~245 below the max, where an exp without the clamp would
+// wrap its exponent into finite negative weights (so not into a non-finite sum the exact path
+// would catch); checked here in double: those keys lie 230-270 below, the others within 40.
 // Logits this large lose digits to their own rounding: the bound is LargeLogits' (2× naive float).
 TEST(SoftmaxCpu, LogitSpreadAboveAndBelowTheClamp) {
   EFFATTN_TRACE_SEED();
-  const int64_t N = 256, Nq = 32, D = 64;
+  constexpr int64_t W = effattn::cpu::detail_tiles::Simd<float>::W;
+  const int64_t N = 256, Nq = 2 * W, D = 64;
   HostTensor<float> q(1, 1, Nq, D), k(1, 1, N, D), v(1, 1, N, D), out(1, 1, Nq, D), noise_q(1, 1, Nq, D),
       noise_k(1, 1, N, D);
   noise_q.fill_normal(0.05);
@@ -469,7 +477,7 @@ TEST(SoftmaxCpu, LogitSpreadAboveAndBelowTheClamp) {
   for (int64_t j = 0; j < N; ++j)
     for (int64_t c = 0; c < D; ++c) k.view(0, 0, j, c) = static_cast<float>((j % 2 ? -w[c] : w[c]) + noise_k.view(0, 0, j, c));
   for (int64_t i = 0; i < Nq; ++i) {
-    const double gap = i < 16 ? 60 : 245, ci = gap / (2 * w2 * scale * log2e);  // between the two modes
+    const double gap = i < W ? 60 : 245, ci = gap / (2 * w2 * scale * log2e);  // between the two modes
     for (int64_t c = 0; c < D; ++c) q.view(0, 0, i, c) = static_cast<float>(ci * w[c] + noise_q.view(0, 0, i, c));
   }
   for (int64_t i = 0; i < Nq; ++i) {
@@ -480,7 +488,7 @@ TEST(SoftmaxCpu, LogitSpreadAboveAndBelowTheClamp) {
       s[j] = dot * scale * log2e;
     }
     const double hi = *std::max_element(s.begin(), s.end()), lo = *std::min_element(s.begin(), s.end());
-    if (i < 16) {
+    if (i < W) {
       ASSERT_LT(hi - lo, 100) << "row " << i;
     } else {
       for (double x : s) ASSERT_TRUE(x >= hi - 40 || (x <= hi - 230 && x >= hi - 270)) << "row " << i << " logit " << x - hi;

@@ -228,6 +228,70 @@ EIGEN_ALWAYS_INLINE __m256 exp2_shifted_avx2(const __m256 s, const __m256 c1, co
 }
 #endif
 
+#if defined(EIGEN_VECTORIZE_AVX512)
+/// The AVX2 scheme above on 16 floats with a finer grid: t = 1.5·2^19 + x rounded to a multiple
+/// of 1/16, x = n + j/16, so t << 19 is n·2^23 + j·2^19 (mod 2^32) and the 16-entry table (one
+/// register, vpermd on t's low 4 bits) holds bits(2^(j/16)) − j·2^19.
+EIGEN_ALWAYS_INLINE __m512 pow2_of_sixteenths_avx512(const __m512 t) {
+  const __m512i table = _mm512_setr_epi32(
+      0x3f800000, 0x3f85aac3 - (1 << 19), 0x3f8b95c2 - (2 << 19), 0x3f91c3d3 - (3 << 19), 0x3f9837f0 - (4 << 19),
+      0x3f9ef532 - (5 << 19), 0x3fa5fed7 - (6 << 19), 0x3fad583f - (7 << 19), 0x3fb504f3 - (8 << 19),
+      0x3fbd08a4 - (9 << 19), 0x3fc5672a - (10 << 19), 0x3fce248c - (11 << 19), 0x3fd744fd - (12 << 19),
+      0x3fe0ccdf - (13 << 19), 0x3feac0c7 - (14 << 19), 0x3ff5257d - (15 << 19));  // bits of 2^(j/16), less j·2^19
+  const __m512i k = _mm512_castps_si512(t);
+  return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_permutexvar_epi32(k, table), _mm512_slli_epi32(k, 19)));
+}
+
+/// 2^f for |f| <= 1/32: degree-3 minimax, relative error 2.3e-9 with these float coefficients.
+EIGEN_ALWAYS_INLINE __m512 exp2_small_avx512(const __m512 f) {
+  __m512 y = _mm512_fmadd_ps(_mm512_set1_ps(0.05550280585885048f), f, _mm512_set1_ps(0.24023589491844177f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.6931471824645996f));
+  return _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
+}
+
+/// exp2_neg for 16 floats with AVX-512: x = n + j/16 + f, 2^(j/16) from the table, 2^f by
+/// exp2_small_avx512; 0 below 2^-125 (a mask register, no compare-and-and), NaN stays NaN.
+EIGEN_ALWAYS_INLINE __m512 exp2_neg_avx512(const __m512 x) {
+  const __m512 magic = _mm512_set1_ps(786432.0f);  // 1.5 * 2^19: x + magic rounds x to a multiple of 1/16
+  const __m512 t = _mm512_add_ps(x, magic);
+  const __m512 y = _mm512_mul_ps(exp2_small_avx512(_mm512_sub_ps(x, _mm512_sub_ps(t, magic))), pow2_of_sixteenths_avx512(t));
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ), y);
+}
+
+/// exp2_shifted_avx2 on 16 floats: c1 = 1.5·2^19 − m (exact for |m| <= 2^18 on the 1/8 grid).
+template <bool Clamp>
+EIGEN_ALWAYS_INLINE __m512 exp2_shifted_avx512(const __m512 s, const __m512 c1, const __m512 lo) {
+  const __m512 x = Clamp ? _mm512_max_ps(lo, s) : s;  // the second operand when NaN: s
+  const __m512 t = _mm512_add_ps(x, c1);
+  return _mm512_mul_ps(exp2_small_avx512(_mm512_sub_ps(x, _mm512_sub_ps(t, c1))), pow2_of_sixteenths_avx512(t));
+}
+#endif
+
+/// The folded exp of attend_rows, per ISA: 2^(s − m) with the shift folded into the rounding
+/// constant (FoldedExp::kMagic − m, exact for |m| <= kMaxReference), clamped at m − 125 or not.
+#if defined(EIGEN_VECTORIZE_AVX512)
+#define EFFATTN_FOLDED_EXP 1
+struct FoldedExp {
+  using P = __m512;
+  static constexpr int kLanes = 16;
+  static constexpr float kMagic = 786432.0f, kMaxReference = 1 << 18;
+  template <bool Clamp>
+  static EIGEN_ALWAYS_INLINE P weights(P s, P c1, P lo) { return exp2_shifted_avx512<Clamp>(s, c1, lo); }
+  /// Whether some lane of tmin is below lo (or NaN): then the clamp is needed.
+  static bool any_below(P tmin, P lo) { return _mm512_cmp_ps_mask(tmin, lo, _CMP_NGE_UQ) != 0; }
+};
+#elif defined(EIGEN_VECTORIZE_AVX2) && defined(EIGEN_VECTORIZE_FMA)
+#define EFFATTN_FOLDED_EXP 1
+struct FoldedExp {
+  using P = __m256;
+  static constexpr int kLanes = 8;
+  static constexpr float kMagic = 1572864.0f, kMaxReference = 1 << 19;
+  template <bool Clamp>
+  static EIGEN_ALWAYS_INLINE P weights(P s, P c1, P lo) { return exp2_shifted_avx2<Clamp>(s, c1, lo); }
+  static bool any_below(P tmin, P lo) { return _mm256_movemask_ps(_mm256_cmp_ps(tmin, lo, _CMP_NGE_UQ)) != 0; }
+};
+#endif
+
 /// 2^x for x <= 0 (and -inf, NaN), elementwise: 0 below the smallest normal result (so never a
 /// denormal, and 2^-inf = 0 exactly), NaN for NaN. x = n + f with n = rint(x), |f| <= 1/2, and a
 /// minimax polynomial for 2^f: relative error 2.5e-9 (float, degree 6) and 4e-18 (double, degree
@@ -240,7 +304,9 @@ EIGEN_ALWAYS_INLINE P exp2_neg(const P& x) {
   if constexpr (unpacket_traits<P>::size == 1) {
     return std::exp2(x);
   } else if constexpr (std::is_same_v<S, float>) {
-#if defined(EIGEN_VECTORIZE_AVX2) && defined(EIGEN_VECTORIZE_FMA) && !defined(EIGEN_VECTORIZE_AVX512)
+#if defined(EIGEN_VECTORIZE_AVX512)
+    if constexpr (unpacket_traits<P>::size == 16) return exp2_neg_avx512(x);
+#elif defined(EIGEN_VECTORIZE_AVX2) && defined(EIGEN_VECTORIZE_FMA)
     if constexpr (unpacket_traits<P>::size == 8) return exp2_neg_avx2(x);
 #endif
     const P magic = pset1<P>(12582912.0f);  // 1.5 * 2^23: x + magic rounds x to an integer
@@ -695,25 +761,25 @@ void attend_rows(const HeadAttention<T>& p, int64_t i0, int64_t i1, detail::Aren
         sum[ib] = pset1<P>(T(0));
       }
       bool folded = false;
-#if defined(EIGEN_VECTORIZE_AVX2) && defined(EIGEN_VECTORIZE_FMA) && !defined(EIGEN_VECTORIZE_AVX512)
-      if constexpr (std::is_same_v<T, float> && L == 8) {
+#if defined(EFFATTN_FOLDED_EXP)
+      if constexpr (std::is_same_v<T, float> && L == FoldedExp::kLanes) {
         folded = jf == je;  // no hidden lanes (a diagonal block keeps exact zeros for them)
-        for (int ib = 0; ib < IB; ++ib) folded = folded && predux_max(pabs(msafe[ib])) <= T(1 << 19);  // c1 stays exact
+        for (int ib = 0; ib < IB; ++ib) folded = folded && predux_max(pabs(msafe[ib])) <= T(FoldedExp::kMaxReference);
         if (folded) {
           P c1[IB], lo[IB];
           for (int ib = 0; ib < IB; ++ib) {
-            c1[ib] = psub(pset1<P>(T(1572864)), msafe[ib]);
+            c1[ib] = psub(pset1<P>(T(FoldedExp::kMagic)), msafe[ib]);
             lo[ib] = psub(msafe[ib], pset1<P>(T(125)));
           }
           // No clamp needed when every logit of the block is within 125 of the reference (the
           // common case: the tile min says so; NaN in it keeps the clamp).
           bool clamp = false;
-          for (int ib = 0; ib < IB; ++ib) clamp = clamp || _mm256_movemask_ps(_mm256_cmp_ps(tmin[ib], lo[ib], _CMP_NGE_UQ)) != 0;
+          for (int ib = 0; ib < IB; ++ib) clamp = clamp || FoldedExp::any_below(tmin[ib], lo[ib]);
           const auto weights = [&](auto clamp_tag) {
             for (int64_t jj = 0; jj < je; ++jj)
               EFFATTN_UNROLL
               for (int ib = 0; ib < IB; ++ib) {
-                const P e = exp2_shifted_avx2<decltype(clamp_tag)::value>(ploadu<P>(st + jj * W + ib * L), c1[ib], lo[ib]);
+                const P e = FoldedExp::weights<decltype(clamp_tag)::value>(ploadu<P>(st + jj * W + ib * L), c1[ib], lo[ib]);
                 sum[ib] = padd(sum[ib], e);
                 pstoreu(st + jj * W + ib * L, e);
               }
