@@ -182,6 +182,28 @@ TYPED_TEST(LandmarkCore, NewtonSchulzConvergesOnSoftmaxMatrices) {
   }
 }
 
+// The guard's probe matrix is what docs/design.md 3.2 defines (Philox words of (j, c, 0, 0),
+// top 22 bits summed, centred, times 2^-22): exact in float, in [-2, 2), and of full column rank,
+// so no singular direction of K2 escapes all eight probes.
+TEST(LandmarkCoreGuard, ProbesAreTheDocumentedMatrix) {
+  const int64_t m = 256;
+  const int probes = effattn::detail::kGuardProbes;
+  Eigen::MatrixXd P(m, probes);
+  for (int64_t j = 0; j < m; ++j)
+    for (int c = 0; c < probes; ++c) {
+      const effattn::detail::U32x4 r = effattn::detail::philox4x32_10(
+          {static_cast<uint32_t>(j), static_cast<uint32_t>(c), 0u, 0u}, 0x6A09E667F3BCC909ull);
+      const double expected =
+          (double(r.x >> 10) + double(r.y >> 10) + double(r.z >> 10) + double(r.w >> 10) - 8388608.0) / 4194304.0;
+      const float got = effattn::detail::guard_probe(j, c);
+      ASSERT_EQ(double(got), expected) << "j " << j << " c " << c;
+      ASSERT_TRUE(got >= -2.0f && got < 2.0f);
+      P(j, c) = got;
+    }
+  const Eigen::VectorXd sv = Eigen::JacobiSVD<Eigen::MatrixXd>(P).singularValues();
+  EXPECT_GT(sv(probes - 1), 0.5 * sv(0)) << "the probes are far from orthogonal";
+}
+
 TYPED_TEST(LandmarkCore, NewtonSchulzKeepsDroppedLandmarksZeroAndZeroGivesZero) {
   using T = TypeParam;
   const int64_t m = 32;

@@ -73,8 +73,9 @@ inline double frobenius(const Mat& X) {
 
 /// Nyströmformer's Newton–Schulz pseudo-inverse, every iterate: Z0 = K2ᵀ / (max column sum · max
 /// row sum), then Z <- 0.25 Z (13I − K2 Z (15I − K2 Z (7I − K2 Z))) up to `iterations` times,
-/// stopping before an iterate whose Penrose residual ‖K2 Z K2 − K2‖_F exceeds twice the smallest
-/// so far (DESIGN of the library: in exact arithmetic it never grows). K2 = 0 gives Z = 0.
+/// stopping before an iterate whose probe residual ‖(K2 Z − I) K2 P‖_F (P: the library's fixed
+/// guard probes) exceeds twice the smallest so far (DESIGN of the library: in exact arithmetic it
+/// never grows). K2 = 0 gives Z = 0.
 inline std::vector<Mat> newton_schulz_iterates(const Mat& K2, int iterations) {
   const int64_t M = K2.rows;
   const Z0Scale z0 = z0_scale(K2);
@@ -84,9 +85,13 @@ inline std::vector<Mat> newton_schulz_iterates(const Mat& K2, int iterations) {
   for (int64_t i = 0; i < M; ++i)
     for (int64_t j = 0; j < M; ++j) Z(i, j) = K2(j, i) / denom;
   std::vector<Mat> zs{Z};
+  Mat P(M, effattn::detail::kGuardProbes);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t c = 0; c < P.cols; ++c) P(i, c) = effattn::detail::guard_probe(i, static_cast<int>(c));
+  const Mat KP = matmul(K2, P);
   const auto residual = [&](const Mat& z) {
-    Mat r = matmul(matmul(K2, z), K2);
-    for (size_t e = 0; e < r.a.size(); ++e) r.a[e] -= K2.a[e];
+    Mat r = matmul(matmul(K2, z), KP);
+    for (size_t e = 0; e < r.a.size(); ++e) r.a[e] -= KP.a[e];
     return frobenius(r);
   };
   double best = residual(Z);

@@ -28,7 +28,11 @@ namespace landmark {
 
 constexpr int kMeanThreads = 128;
 constexpr int kThreads = 256;          // pinv and apply CTAs
-constexpr int64_t kPinvBlocks = 512;   // pinv CTAs at most; each owns 4 M² of scratch
+constexpr int64_t kPinvBlocks = 512;   // pinv CTAs at most; each owns pinv_scratch_floats(M)
+
+/// Scratch floats of one pinv CTA: K2, KZ, A, S [M, M] and the guard's P, K2·P, (K2 Z)·(K2 P)
+/// [M, kGuardProbes].
+constexpr int64_t pinv_scratch_floats(int64_t m) { return 4 * m * m + 3 * m * effattn::detail::kGuardProbes; }
 constexpr int64_t kMaxLandmarks = 256;
 constexpr int kMaxHeadDim = 256;  // the tile kernel's largest head dim
 
@@ -118,13 +122,13 @@ struct PinvParams {
   const uint8_t* lq_valid = nullptr;  // [B, m] landmark validity (Nyström), null = all kept
   const uint8_t* lk_valid = nullptr;
   float* z = nullptr;        // [matrices, m, m] result
-  float* scratch = nullptr;  // [gridDim.x, 4, m, m]: K2, KZ, A, S of the CTA's current matrix
+  float* scratch = nullptr;  // [gridDim.x, pinv_scratch_floats(m)]: K2, KZ, A, S, P, KP, KZ·KP
 };
 
 /// K2 = softmax_row(s Lq Lkᵀ) (rows of dropped query landmarks zero, dropped key landmarks
 /// excluded), column dropout, Z0 = K2ᵀ / (max column sum · max row sum), then
 /// Z <- 0.25 Z (13I − KZ (15I − KZ (7I − KZ))), KZ = K2 Z, up to `iterations` times (the
-/// Penrose-residual guard); as the CPU's landmark::kernel2 and newton_schulz. Grid-strided over
+/// probe-residual guard); as the CPU's landmark::kernel2 and newton_schulz. Grid-strided over
 /// the matrices.
 template <class TL>
 __global__ void __launch_bounds__(kThreads)
@@ -133,10 +137,16 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float lk_tile[32][kMaxHeadDim + 1];
   const int64_t m = p.m, mm = m * m;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float* const k2 = p.scratch + static_cast<int64_t>(blockIdx.x) * 4 * mm;
+  float* const k2 = p.scratch + static_cast<int64_t>(blockIdx.x) * pinv_scratch_floats(m);
   float* const kz = k2 + mm;
   float* const amat = kz + mm;
   float* const smat = amat + mm;
+  constexpr int kProbes = effattn::detail::kGuardProbes;
+  float* const probes = smat + mm;           // P [m, kProbes]
+  float* const kp = probes + m * kProbes;    // K2·P
+  float* const probed = kp + m * kProbes;    // (K2 Z)·(K2 P)
+  for (int64_t e = threadIdx.x; e < m * kProbes; e += kThreads)
+    probes[e] = effattn::detail::guard_probe(e / kProbes, static_cast<int>(e % kProbes));
   const float keep_scale = 1.0f / (1.0f - p.dropout);
   const float kNegInf = -INFINITY;
   for (int64_t item = blockIdx.x; item < p.matrices; item += gridDim.x) {
@@ -210,19 +220,20 @@ __global__ void __launch_bounds__(kThreads)
     }
     for (int64_t e = threadIdx.x; e < mm; e += kThreads) z[e] = k2[(e % m) * m + e / m] / denom;
     __syncthreads();
+    block_gemm(kp, kProbes, k2, m, probes, kProbes, m, kProbes, m, 0.0f, 1.0f);  // K2·P
 
-    // As the CPU's newton_schulz: stop before an iterate whose Penrose residual ‖K2 Z K2 − K2‖
+    // As the CPU's newton_schulz: stop before an iterate whose probe residual ‖(K2 Z − I) K2 P‖
     // exceeds twice its best (it never grows in exact arithmetic; rounding in a near-singular
     // K2 is taking over), keeping the iterate before. Every thread sees the same residual.
     float* cur = z;
     float* spare = smat;
     float best = INFINITY;
     for (int it = 0; it <= p.iterations; ++it) {
-      block_gemm(kz, m, k2, m, cur, m, m, m, m, 0.0f, 1.0f);    // KZ = K2 Z
-      block_gemm(amat, m, kz, m, k2, m, m, m, m, 0.0f, 1.0f);   // KZ K2
+      block_gemm(kz, m, k2, m, cur, m, m, m, m, 0.0f, 1.0f);                   // KZ = K2 Z
+      block_gemm(probed, kProbes, kz, m, kp, kProbes, m, kProbes, m, 0.0f, 1.0f);  // KZ·(K2 P)
       float part = 0.0f;
-      for (int64_t e = threadIdx.x; e < mm; e += kThreads) {
-        const float r = amat[e] - k2[e];
+      for (int64_t e = threadIdx.x; e < m * kProbes; e += kThreads) {
+        const float r = probed[e] - kp[e];
         part = fmaf(r, r, part);
       }
       const float residual = sqrtf(block_sum<kThreads>(part, red));
@@ -289,7 +300,7 @@ struct LandmarkBuffers {
   uint8_t* lk_valid = nullptr;  // [B, M]
   float* kv = nullptr;          // [B, H, M, D] K3·V in float when it is inverted after
   float* z = nullptr;           // [matrices, M, M]
-  float* pinv_scratch = nullptr;  // [min(matrices, kPinvBlocks), 4, M, M]
+  float* pinv_scratch = nullptr;  // [min(matrices, kPinvBlocks), pinv_scratch_floats(M)]
   TL* w = nullptr;              // [B, H, M, D] W = Z·(K3·V) (aliases lq for Nyström)
 
   template <class T, class Alloc>
@@ -306,8 +317,8 @@ struct LandmarkBuffers {
       const int64_t matrices = matrix_count(c, d);
       r.kv = alloc.template take<float>(bhmd);
       r.z = alloc.template take<float>(static_cast<size_t>(matrices * c.M * c.M));
-      r.pinv_scratch =
-          alloc.template take<float>(static_cast<size_t>(std::min(matrices, landmark::kPinvBlocks) * 4 * c.M * c.M));
+      r.pinv_scratch = alloc.template take<float>(
+          static_cast<size_t>(std::min(matrices, landmark::kPinvBlocks) * landmark::pinv_scratch_floats(c.M)));
     }
     if constexpr (std::is_same_v<TL, float>) {
       if (c.segment_means) r.w = r.lq;  // Lq is dead once K3·V and Z are done

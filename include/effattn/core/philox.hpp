@@ -35,6 +35,19 @@ EFFATTN_HD U32x4 philox4x32_10(U32x4 c, uint64_t key) {
 /// The top 24 bits of r as a float in [0, 1): exact in float, so host and device agree.
 EFFATTN_HD float uniform01(uint32_t r) { return static_cast<float>(r >> 8) * (1.0f / 16777216.0f); }
 
+/// Newton–Schulz's guard (DESIGN 3.2) measures its residual on kGuardProbes fixed vectors.
+constexpr int kGuardProbes = 8;
+
+/// Entry (j, c) of the guard's probe matrix P [M, kGuardProbes]: the sum of the top 22 bits of
+/// the four words of Philox4x32-10 of (j, c, 0, 0) under a fixed key, centred and times 2^-22, so
+/// in [-2, 2) with mean 0, nearly normal, and exact in float: the same P on every backend.
+EFFATTN_HD float guard_probe(int64_t j, int c) {
+  const U32x4 r =
+      philox4x32_10(U32x4{static_cast<uint32_t>(j), static_cast<uint32_t>(c), 0u, 0u}, 0x6A09E667F3BCC909ull);
+  const int32_t sum = static_cast<int32_t>((r.x >> 10) + (r.y >> 10) + (r.z >> 10) + (r.w >> 10)) - (1 << 23);
+  return static_cast<float>(sum) * (1.0f / 4194304.0f);
+}
+
 }  // namespace detail
 
 /// Proxy's decomposed-dropout draw: is column c of K2 kept for (batch b, head h)?

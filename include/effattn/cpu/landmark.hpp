@@ -85,10 +85,20 @@ void segment_means(const MatrixView<const T>& x, const uint8_t* valid, int64_t M
   }
 }
 
-/// Scratch for newton_schulz on M×M.
+using detail::kGuardProbes;
+
+/// The guard's probes P [M, kGuardProbes] row-major (detail::guard_probe).
+template <class T>
+void guard_probes(T* p, int64_t M) {
+  for (int64_t j = 0; j < M; ++j)
+    for (int c = 0; c < kGuardProbes; ++c) p[j * kGuardProbes + c] = static_cast<T>(detail::guard_probe(j, c));
+}
+
+/// Scratch for newton_schulz on M×M: three M² matrices and the guard's three [M, kGuardProbes].
 template <class T>
 constexpr size_t pinv_scratch_bytes(int64_t M) {
-  return 3 * detail::bytes_of<T>(static_cast<size_t>(M * M));
+  return 3 * detail::bytes_of<T>(static_cast<size_t>(M * M)) +
+         3 * detail::bytes_of<T>(static_cast<size_t>(M * kGuardProbes));
 }
 
 /// What newton_schulz records for its backward: the iterates Z0, Z1, ... and each step's
@@ -126,11 +136,12 @@ Z0Scale<T> z0_scale(const ConstMap<T>& K2) {
   return z;
 }
 
-/// ‖K2 Z K2 − K2‖_F, given KZ = K2 Z, with `tmp` [M, M] as scratch.
+/// The guard's probe residual ‖(K2 Z − I) K2 P‖_F, given KZ = K2 Z and KP = K2 P [M, kGuardProbes],
+/// with `tmp` [M, kGuardProbes] as scratch: O(M²) a step instead of the full residual's M³.
 template <class T>
-T penrose_residual(const ConstMap<T>& K2, const Map<T>& KZ, Map<T>& tmp) {
-  tmp.noalias() = KZ * K2;
-  tmp -= K2;
+T probe_residual(const Map<T>& KZ, const Map<T>& KP, Map<T>& tmp) {
+  tmp.noalias() = KZ * KP;
+  tmp -= KP;
   return tmp.norm();
 }
 
@@ -138,12 +149,14 @@ T penrose_residual(const ConstMap<T>& K2, const Map<T>& KZ, Map<T>& tmp) {
 /// row sum) of this matrix alone, then Z <- 0.25 Z (13I − K2Z (15I − K2Z (7I − K2Z))) up to
 /// `iterations` times. Zero rows/columns of K2 stay zero columns/rows of Z; K2 = 0 gives Z = 0.
 ///
-/// Guard: in exact arithmetic the Penrose residual ‖K2 Z K2 − K2‖ never grows along the
-/// iteration. Once it exceeds twice its smallest value so far (or is not finite), rounding
-/// amplified by a near-singular K2 has taken over (each step multiplies what lies in K2's near
-/// null space by up to 3.25): the iteration stops and keeps the iterate before. So any count is
-/// safe; where the result is meaningful the guard never fires. Returns the steps taken. With a
-/// tape, records what the backward needs.
+/// Guard: in exact arithmetic the Penrose residual (K2 Z − I) K2 shrinks along the iteration in
+/// every singular direction of K2 (1 − x ↦ (1 − x)³ (4 − x) / 4 on [0, 1]), so the norm of its
+/// product with any fixed P never grows. Once ‖(K2 Z − I) K2 P‖ with the guard_probes P exceeds
+/// twice its smallest value so far (or is not finite), rounding amplified by a near-singular K2
+/// has taken over (each step multiplies what lies in K2's near null space by up to 3.25): the
+/// iteration stops and keeps the iterate before. So any count is safe; where the result is
+/// meaningful the guard never fires. Returns the steps taken. With a tape, records what the
+/// backward needs.
 template <class T>
 int newton_schulz(const T* k2, int64_t M, int iterations, T* z, detail::Arena scratch,
                   const NewtonSchulzTape<T>& tape = {}) {
@@ -164,13 +177,17 @@ int newton_schulz(const T* k2, int64_t M, int iterations, T* z, detail::Arena sc
   Map<T> KZ(scratch.take<T>(M * M), M, M), A(scratch.take<T>(M * M), M, M);
   T* cur = z;
   T* spare = scratch.take<T>(M * M);
+  Map<T> P(scratch.take<T>(M * kGuardProbes), M, kGuardProbes), KP(scratch.take<T>(M * kGuardProbes), M, kGuardProbes),
+      probed(scratch.take<T>(M * kGuardProbes), M, kGuardProbes);
+  guard_probes(P.data(), M);
+  KP.noalias() = K2 * P;
   const auto I = RowMatrix<T>::Identity(M, M);
   T best = std::numeric_limits<T>::infinity();
   int steps = 0;
   for (int it = 0; it <= iterations; ++it) {
     Map<T> Zc(cur, M, M), S(spare, M, M);
     KZ.noalias() = K2 * Zc;
-    const T residual = penrose_residual(K2, KZ, A);
+    const T residual = probe_residual(KZ, KP, probed);
     if (it > 0 && !(residual <= 2 * best)) {  // grown, or NaN: back to the previous iterate
       std::swap(cur, spare);
       --steps;
