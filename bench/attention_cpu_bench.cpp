@@ -32,11 +32,29 @@ struct Runner {
                      Tensor<T>, Tensor<T>, void*, size_t)>
       backward;
   Sizes backward_workspace;
-  // The forward of a training step where it keeps more for the backward than `out` (softmax: the
-  // per-row log-sum-exp, as torch's autograd keeps it); empty: `run`.
+  // The forward of a training step (attention_with_saved): it keeps what the backward would
+  // recompute (softmax's row lse; Nyström's and Proxy's K3·V, Z with its iterates and K1's row
+  // statistics) in a block the runner holds, which `backward` reads; `saved` is that block's size.
   std::function<void(Tensor<const T>, Tensor<const T>, Tensor<const T>, Tensor<T>, void*, size_t)> train_forward;
+  Sizes saved;
   size_t parameter_bytes = 0;  // proxy tokens or random features, counted with the inputs
   std::shared_ptr<void> storage;
+};
+
+/// The caller-held block of a training step (effattn::Saved), grown when a call needs more.
+struct SavedBlock {
+  std::unique_ptr<void, void (*)(void*)> memory{nullptr, std::free};
+  size_t capacity = 0;
+  effattn::Saved saved;
+  effattn::Saved fit(size_t bytes) {
+    if (bytes > capacity) {
+      memory.reset(std::aligned_alloc(64, effattn::detail::align_up(bytes)));
+      if (!memory) throw std::bad_alloc();
+      capacity = bytes;
+    }
+    saved = {bytes > 0 ? memory.get() : nullptr, bytes};
+    return saved;
+  }
 };
 
 /// Any effattn method through the public API. `grads` adds the method's parameter gradients to
@@ -56,36 +74,26 @@ Runner<T> library(Method m, std::shared_ptr<void> storage = nullptr, size_t para
   r.workspace = [m](Tensor<const T> q, Tensor<const T> k, Tensor<const T> v) {
     return effattn::workspace_bytes<effattn::Cpu>(m, q, k, v);
   };
-  r.backward = [m, exec_of, grads](Tensor<const T> q, Tensor<const T> k, Tensor<const T> v, Tensor<const T> out,
-                                   Tensor<const T> dout, Tensor<T> dq, Tensor<T> dk, Tensor<T> dv, void* ws,
-                                   size_t ws_size) {
-    effattn::Grads<T> g{dq, dk, dv, {}, {}};
-    if (grads) grads(g);
-    effattn::attention_backward<effattn::Cpu>(m, q, k, v, out, dout, g, {}, exec_of(ws, ws_size));
-  };
   r.backward_workspace = [m](Tensor<const T> q, Tensor<const T> k, Tensor<const T> v) {
     return effattn::backward_workspace_bytes<effattn::Cpu>(m, q, k, v);
   };
-  if constexpr (std::is_same_v<Method, effattn::Softmax>) {
-    // Training: the forward writes lse and the backward reads it instead of recomputing the rows'
-    // statistics (one Q·Kᵀ pass fewer).
-    auto lse = std::make_shared<std::vector<effattn::acc_t<T>>>();
-    const auto lse_view = [lse](Tensor<const T> q) {
-      lse->resize(static_cast<size_t>(q.shape[0] * q.shape[1] * q.shape[2]));
-      return effattn::bhsd(lse->data(), q.shape[0], q.shape[1], q.shape[2], 1);
-    };
-    r.train_forward = [m, exec_of, lse_view](Tensor<const T> q, Tensor<const T> k, Tensor<const T> v, Tensor<T> out,
-                                             void* ws, size_t ws_size) {
-      effattn::attention_with_lse<effattn::Cpu>(m, q, k, v, out, lse_view(q), {}, exec_of(ws, ws_size));
-    };
-    r.backward = [m, exec_of, lse_view](Tensor<const T> q, Tensor<const T> k, Tensor<const T> v, Tensor<const T> out,
-                                        Tensor<const T> dout, Tensor<T> dq, Tensor<T> dk, Tensor<T> dv, void* ws,
-                                        size_t ws_size) {
-      const effattn::Tensor<const effattn::acc_t<T>> lse = lse_view(q);
-      effattn::attention_backward_with_lse<effattn::Cpu>(m, q, k, v, out, dout, lse, effattn::Grads<T>{dq, dk, dv, {}, {}},
-                                                         {}, exec_of(ws, ws_size));
-    };
-  }
+  r.saved = [m](Tensor<const T> q, Tensor<const T> k, Tensor<const T> v) {
+    return effattn::saved_bytes<effattn::Cpu>(m, q, k, v);
+  };
+  auto block = std::make_shared<SavedBlock>();
+  r.train_forward = [m, exec_of, block](Tensor<const T> q, Tensor<const T> k, Tensor<const T> v, Tensor<T> out,
+                                        void* ws, size_t ws_size) {
+    const effattn::Saved saved = block->fit(effattn::saved_bytes<effattn::Cpu>(m, q, k, v));
+    effattn::attention_with_saved<effattn::Cpu>(m, q, k, v, out, saved, {}, exec_of(ws, ws_size));
+  };
+  r.backward = [m, exec_of, grads, block](Tensor<const T> q, Tensor<const T> k, Tensor<const T> v,
+                                          Tensor<const T> out, Tensor<const T> dout, Tensor<T> dq, Tensor<T> dk,
+                                          Tensor<T> dv, void* ws, size_t ws_size) {
+    effattn::Grads<T> g{dq, dk, dv, {}, {}};
+    if (grads) grads(g);
+    effattn::attention_backward_with_saved<effattn::Cpu>(m, q, k, v, out, dout, block->saved, g, {},
+                                                         exec_of(ws, ws_size));
+  };
   r.storage = std::move(storage);
   r.parameter_bytes = parameter_bytes;
   return r;
@@ -255,8 +263,10 @@ std::function<void(benchmark::State&)> make_body(const bench::Case& c, const ben
         benchmark::DoNotOptimize(dq.data());
         benchmark::ClobberMemory();
       }
-      // Inputs and output of a sequence, and for the backward dout, dq, dk, dv as well.
-      const double io = bench::io_bytes_per_sequence(c, sizeof(T)) * (c.backward ? 2 : 1);
+      // Inputs and output of a sequence, and for the backward dout, dq, dk, dv and the forward's
+      // saved block as well.
+      const double io = bench::io_bytes_per_sequence(c, sizeof(T)) * (c.backward ? 2 : 1) +
+                        (c.backward && r.saved ? static_cast<double>(r.saved(in(q, 1), in(k, 1), in(v, 1))) : 0.0);
       bench::set_counters(st, c, io + r.parameter_bytes * (c.backward ? 2 : 1) + scratch, static_cast<double>(ws_one));
     } catch (const std::exception& e) {
       bench::fail_case(st, e.what());

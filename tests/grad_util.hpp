@@ -75,15 +75,35 @@ struct BackwardData {
       masks = {qm.data(), Nq, km.data(), Nk};
     }
   }
+  /// The forward; `saving`: the training forward (attention_with_saved), whose block, poisoned
+  /// first, the backward then reads (attention_backward_with_saved).
   template <class Method>
-  void forward(const Method& m) {
-    effattn::attention<effattn::Cpu>(m, data.q.cview(), data.k.cview(), data.v.cview(), data.out.view, masks);
+  void forward(const Method& m, bool saving = false) {
+    if (!saving) {
+      saved = {};
+      effattn::attention<effattn::Cpu>(m, data.q.cview(), data.k.cview(), data.v.cview(), data.out.view, masks);
+      return;
+    }
+    const size_t bytes = effattn::saved_bytes<effattn::Cpu>(m, data.q.cview(), data.k.cview(), data.v.cview());
+    saved_block.assign(bytes / 8 + 8, ~uint64_t(0));  // NaN bit patterns; 64-byte aligned below
+    auto* base = reinterpret_cast<unsigned char*>(saved_block.data());
+    base += (64 - reinterpret_cast<uintptr_t>(base) % 64) % 64;
+    saved = {bytes > 0 ? base : nullptr, bytes};
+    effattn::attention_with_saved<effattn::Cpu>(m, data.q.cview(), data.k.cview(), data.v.cview(), data.out.view,
+                                                saved, masks);
   }
   template <class Method>
   void backward(const Method& m, const effattn::Grads<T>& g, int threads = 0) {
-    effattn::attention_backward<effattn::Cpu>(m, data.q.cview(), data.k.cview(), data.v.cview(), data.out.cview(),
-                                              dout.cview(), g, masks, effattn::Exec<effattn::Cpu>{threads});
+    const effattn::Exec<effattn::Cpu> exec{threads};
+    if (saved.data != nullptr)
+      effattn::attention_backward_with_saved<effattn::Cpu>(m, data.q.cview(), data.k.cview(), data.v.cview(),
+                                                           data.out.cview(), dout.cview(), saved, g, masks, exec);
+    else
+      effattn::attention_backward<effattn::Cpu>(m, data.q.cview(), data.k.cview(), data.v.cview(), data.out.cview(),
+                                                dout.cview(), g, masks, exec);
   }
+  effattn::Saved saved;
+  std::vector<uint64_t> saved_block;
 };
 
 /// Sum over the view of a (a Tensor) times b (a reference Result of the same logical shape).

@@ -28,18 +28,21 @@ std::string describe(const Case& c) {
 
 effattn::Nystrom method(const Case& c) { return {static_cast<int>(c.M), c.iterations, c.scale}; }
 
+/// Recomputing the forward, and from the training forward's saved block.
 template <class T>
 void run_case(const Case& c, int threads = 0) {
-  SCOPED_TRACE(describe(c));
-  EFFATTN_TRACE_SEED();
-  BackwardData<T> p(c.B, c.H, c.Hk, c.Nq, c.Nk, c.D, c.Dv, c.masks, c.layout);
-  p.forward(method(c));
-  GradData<T> g(p.data.q.view, p.data.k.view, p.data.v.view, c.layout);
-  p.backward(method(c), g.grads(), threads);
-  const auto& d = p.data;
-  g.expect_matches(ref::nystrom_backward(d.q.cview(), d.k.cview(), d.v.cview(), p.dout.cview(), p.masks, c.M,
-                                         c.iterations, c.scale),
-                   cpu_tolerance<T>());
+  for (bool saving : {false, true}) {
+    SCOPED_TRACE(describe(c) + (saving ? " saved" : ""));
+    EFFATTN_TRACE_SEED();
+    BackwardData<T> p(c.B, c.H, c.Hk, c.Nq, c.Nk, c.D, c.Dv, c.masks, c.layout);
+    p.forward(method(c), saving);
+    GradData<T> g(p.data.q.view, p.data.k.view, p.data.v.view, c.layout);
+    p.backward(method(c), g.grads(), threads);
+    const auto& d = p.data;
+    g.expect_matches(ref::nystrom_backward(d.q.cview(), d.k.cview(), d.v.cview(), p.dout.cview(), p.masks, c.M,
+                                           c.iterations, c.scale),
+                     cpu_tolerance<T>());
+  }
 }
 
 template <class T>

@@ -38,12 +38,12 @@ struct ProxyProblem {
   BackwardData<T> p;
   HostTensor<T> pq, pk;
   uint64_t seed;
-  explicit ProxyProblem(const Case& cs)
+  explicit ProxyProblem(const Case& cs, bool saving = false)
       : c(cs), p(c.B, c.H, c.Hk, c.Nq, c.Nk, c.D, c.Dv, c.masks, c.layout), pq(c.proxy_batch_q, c.H, c.M, c.D, c.layout),
         pk(c.proxy_batch_k, c.H, c.M, c.D, c.layout), seed(rng()()) {
     pq.fill_normal(1.5);
     pk.fill_normal(1.5);
-    p.forward(method());
+    p.forward(method(), saving);
   }
   effattn::Proxy<T> method() const { return {pq.cview(), pk.cview(), c.iterations, c.dropout, seed, c.scale}; }
   template <class U>
@@ -54,17 +54,20 @@ struct ProxyProblem {
   }
 };
 
+/// Recomputing the forward, and from the training forward's saved block.
 template <class T>
 void run_case(const Case& c, int threads = 0) {
-  SCOPED_TRACE(describe(c));
-  EFFATTN_TRACE_SEED();
-  ProxyProblem<T> pp(c);
-  auto& d = pp.p.data;
-  GradData<T> g(d.q.view, d.k.view, d.v.view, c.layout);
-  g.add_proxies(pp.pq.view, pp.pk.view, c.layout);
-  pp.p.backward(pp.method(), g.grads(), threads);
-  g.expect_matches(pp.reference(d.q.cview(), d.k.cview(), d.v.cview(), pp.pq.cview(), pp.pk.cview()),
-                   cpu_tolerance<T>());
+  for (bool saving : {false, true}) {
+    SCOPED_TRACE(describe(c) + (saving ? " saved" : ""));
+    EFFATTN_TRACE_SEED();
+    ProxyProblem<T> pp(c, saving);
+    auto& d = pp.p.data;
+    GradData<T> g(d.q.view, d.k.view, d.v.view, c.layout);
+    g.add_proxies(pp.pq.view, pp.pk.view, c.layout);
+    pp.p.backward(pp.method(), g.grads(), threads);
+    g.expect_matches(pp.reference(d.q.cview(), d.k.cview(), d.v.cview(), pp.pq.cview(), pp.pk.cview()),
+                     cpu_tolerance<T>());
+  }
 }
 
 template <class T>

@@ -8,6 +8,7 @@
 #include "effattn/core/exec.hpp"
 #include "effattn/core/memory.hpp"
 #include "effattn/core/methods.hpp"
+#include "effattn/core/saved.hpp"
 #include "effattn/core/tensor.hpp"
 
 namespace effattn {
@@ -27,6 +28,12 @@ inline constexpr bool dependent_false = false;
 ///   template <class T> static void backward(const Method&, q, k, v, out, dout, const Grads<T>&,
 ///                                           const Masks&, const Exec<Backend>&);
 ///   template <class T> static size_t backward_workspace_bytes(const Method&, q, k, v, const Exec<Backend>&);
+/// and, where the forward can keep what its backward would recompute (kHasSaved = true),
+///   template <class T> static size_t saved_bytes(const Method&, q, k, v);
+///   template <class T> static void run_saving(const Method&, q, k, v, out, const Saved&, const Masks&,
+///                                             const Exec<Backend>&);
+///   template <class T> static void backward_saved(const Method&, q, k, v, out, dout, const Saved&,
+///                                                 const Grads<T>&, const Masks&, const Exec<Backend>&);
 template <class Backend, class Method>
 struct Operator {
   static_assert(dependent_false<Method>,
@@ -57,6 +64,11 @@ template <class Op, class = void>
 struct has_lse : std::false_type {};
 template <class Op>
 struct has_lse<Op, std::enable_if_t<Op::kHasLse>> : std::true_type {};
+
+template <class Op, class = void>
+struct has_saved : std::false_type {};
+template <class Op>
+struct has_saved<Op, std::enable_if_t<Op::kHasSaved>> : std::true_type {};
 
 template <class Backend>
 constexpr void require_lse() {
@@ -163,6 +175,60 @@ void attention_backward_with_lse(const Softmax& m, Tensor<const detail::identity
     Operator<Backend, Softmax>::template backward_with_lse<T>(m, q, k, v, out, dout, lse, grads, masks, exec);
 }
 
+/// Bytes of the block attention_with_saved fills for attention_backward_with_saved (0: the method
+/// keeps nothing beyond `out`, and the pair is attention and attention_backward).
+template <class Backend, class Method, class Q, class K, class V>
+size_t saved_bytes(const Method& m, Tensor<Q> q, Tensor<K> k, Tensor<V> v) {
+  using T = std::remove_const_t<Q>;
+  static_assert(std::is_same_v<T, std::remove_const_t<K>> && std::is_same_v<T, std::remove_const_t<V>>,
+                "effattn::saved_bytes: q, k and v must have one element type");
+  detail::require_backward<Backend, Method>();
+  if constexpr (detail::has_saved<Operator<Backend, Method>>::value)
+    return Operator<Backend, Method>::template saved_bytes<T>(m, Tensor<const T>(q), Tensor<const T>(k),
+                                                              Tensor<const T>(v));
+  else
+    return 0;
+}
+
+/// The forward of a training step: out as attention(m, q, k, v) computes it, and into `saved`
+/// (saved_bytes(m, q, k, v) bytes, 64-byte aligned, memory of its own) what the backward would
+/// otherwise recompute: softmax's row log-sum-exp; for Nyström and Proxy K3·V with its row
+/// statistics, K1's row statistics, and Z with its Newton–Schulz iterates.
+template <class Backend, class Method, class T>
+void attention_with_saved(const Method& m, Tensor<const detail::identity_t<T>> q,
+                          Tensor<const detail::identity_t<T>> k, Tensor<const detail::identity_t<T>> v, Tensor<T> out,
+                          const Saved& saved, const Masks& masks = {}, const Exec<Backend>& exec = {}) {
+  static_assert(!std::is_const_v<T>, "effattn::attention_with_saved: out must be a mutable Tensor<T>");
+  detail::require_backward<Backend, Method>();
+  if constexpr (detail::has_saved<Operator<Backend, Method>>::value) {
+    detail::check_call_memory<Backend, Method, T>("effattn::attention_with_saved", m, exec, q, k, v, masks,
+                                                  {detail::named("out", out)});
+    // The operator checks `saved` itself, after its arguments (its size follows from their shapes).
+    Operator<Backend, Method>::template run_saving<T>(m, q, k, v, out, saved, masks, exec);
+  } else {
+    attention<Backend, Method, T>(m, q, k, v, out, masks, exec);
+  }
+}
+
+/// attention_backward given the block attention_with_saved filled for the same arguments (any
+/// Exec): nothing of the forward is recomputed. The same workspace as attention_backward.
+template <class Backend, class Method, class T>
+void attention_backward_with_saved(const Method& m, Tensor<const detail::identity_t<T>> q,
+                                   Tensor<const detail::identity_t<T>> k, Tensor<const detail::identity_t<T>> v,
+                                   Tensor<const detail::identity_t<T>> out, Tensor<const detail::identity_t<T>> dout,
+                                   const Saved& saved, const Grads<T>& grads, const Masks& masks = {},
+                                   const Exec<Backend>& exec = {}) {
+  static_assert(!std::is_const_v<T>, "effattn::attention_backward_with_saved: grads must be mutable Tensor<T> views");
+  detail::require_backward<Backend, Method>();
+  if constexpr (detail::has_saved<Operator<Backend, Method>>::value) {
+    detail::check_call_memory<Backend, Method, T>("effattn::attention_backward_with_saved", m, exec, q, k, v, masks,
+                                                  detail::backward_ranges(out, dout, grads));
+    Operator<Backend, Method>::template backward_saved<T>(m, q, k, v, out, dout, saved, grads, masks, exec);
+  } else {
+    attention_backward<Backend, Method, T>(m, q, k, v, out, dout, grads, masks, exec);
+  }
+}
+
 /// Scratch bytes attention<Backend>(m, q, k, v, ...) needs when the caller passes a workspace
 /// in exec; a call without one allocates this much itself.
 template <class Backend, class Method, class Q, class K, class V>
@@ -175,7 +241,7 @@ size_t workspace_bytes(const Method& m, Tensor<Q> q, Tensor<K> k, Tensor<V> v, c
 }
 
 /// Scratch bytes attention_backward<Backend>(m, q, k, v, ...) needs when the caller passes a
-/// workspace in exec (the same for attention_backward_with_lse); without one it allocates this much.
+/// workspace in exec (the same for attention_backward_with_lse and _with_saved); without one it allocates this much.
 template <class Backend, class Method, class Q, class K, class V>
 size_t backward_workspace_bytes(const Method& m, Tensor<Q> q, Tensor<K> k, Tensor<V> v,
                                 const Exec<Backend>& exec = {}) {

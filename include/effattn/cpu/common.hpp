@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "effattn/core/check.hpp"
+#include "effattn/core/saved.hpp"
 #include "effattn/core/tensor.hpp"
 
 namespace effattn {
@@ -32,6 +34,20 @@ MatrixView<T> head_rows(const Tensor<T>& t, int64_t b, int64_t h) {
 /// The [N] validity row of sequence b (null: all valid).
 inline const uint8_t* mask_row(const uint8_t* mask, int64_t batch_stride, int64_t b) {
   return mask == nullptr ? nullptr : mask + b * batch_stride;
+}
+
+/// The CPU backend's saved blocks (core/saved.hpp): the header of a call of dims d, and the first
+/// byte after it.
+enum SavedLayout : int64_t { kSavedSoftmax = 1, kSavedLandmark = 2 };
+inline detail::SavedHeader saved_header(SavedLayout layout, const detail::Dims& d, int64_t M = 0,
+                                        int64_t iterations = 0) {
+  detail::SavedHeader h;
+  h.layout = layout, h.B = d.B, h.H = d.H, h.Nq = d.Nq, h.Nk = d.Nk, h.D = d.D, h.Dv = d.Dv, h.M = M;
+  h.iterations = iterations;
+  return h;
+}
+inline unsigned char* saved_body(const Saved& s) {
+  return static_cast<unsigned char*>(s.data) + detail::saved_header_bytes();
 }
 
 template <class T>

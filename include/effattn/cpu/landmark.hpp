@@ -276,6 +276,92 @@ void compute_z(const MatrixView<const T>& lq, const uint8_t* lq_valid, const Mat
   newton_schulz(k2, M, iterations, z, scratch);
 }
 
+/// Z as the forward computes it (compute_z), keeping what its backward needs: K2 before the
+/// dropout, A = K2 after it, and Z with its Newton–Schulz tape. Returns the steps taken.
+/// Scratch: z_scratch_bytes.
+template <class T>
+int z_with_tape(const MatrixView<const T>& lq, const uint8_t* lq_valid, const MatrixView<const T>& lk,
+                const uint8_t* lk_valid, T scale, const Dropout& drop, int iterations, T* k2, T* a, T* z,
+                const NewtonSchulzTape<T>& tape, detail::Arena scratch) {
+  const int64_t M = lq.rows;
+  kernel2(lq, lq_valid, lk, lk_valid, scale, Dropout{}, k2, scratch);
+  std::copy(k2, k2 + M * M, a);
+  apply_column_dropout(drop, a, M, M);
+  return newton_schulz(a, M, iterations, z, scratch, tape);
+}
+
+/// Counts bytes (arena == nullptr) or hands out pieces of an arena: one layout for both.
+struct Carver {
+  detail::Arena* arena = nullptr;
+  size_t bytes = 0;
+  template <class U>
+  U* take(int64_t count) {
+    if (arena != nullptr) return arena->take<U>(static_cast<size_t>(count));
+    bytes += detail::bytes_of<U>(static_cast<size_t>(count));
+    return nullptr;
+  }
+};
+
+/// Z with what its backward needs: K2 before the column dropout, A = K2 after it, and the
+/// Newton–Schulz tape. Contiguous, one record after another.
+template <class T>
+struct ZRecord {
+  T *z = nullptr, *k2 = nullptr, *a = nullptr;  // [M, M]
+  NewtonSchulzTape<T> tape;
+  static constexpr size_t elements(int64_t M, int iterations) {
+    return 3 * static_cast<size_t>(M * M) + NewtonSchulzTape<T>::elements(M, iterations);
+  }
+  static ZRecord at(T* base, int64_t M, int iterations) {
+    return {base, base + M * M, base + 2 * M * M, NewtonSchulzTape<T>::carve(base + 3 * M * M, M, iterations)};
+  }
+};
+
+/// What a training forward keeps for the backward in its Saved block, after the header: per
+/// (b, h) K1's row lse [Nq], W3 = K3·V [M, Dv] and K3's row lse [M]; with a Z, one ZRecord and its
+/// step count per Z (each (b, h), or each head when the proxies are shared by the batch).
+/// Independent of the thread count, so forward and backward may use different Execs.
+template <class T>
+struct SavedState {
+  T *lse1 = nullptr, *w3 = nullptr, *lse3 = nullptr, *records = nullptr;
+  int* steps = nullptr;
+  int64_t Nq = 0, M = 0, Dv = 0;
+  int iterations = 0;
+
+  static int64_t z_count(const LandmarkSpec<T>& spec, const detail::Dims& d) {
+    return !spec.invert ? 0 : spec.shared_z() ? d.H : d.B * d.H;
+  }
+  /// The layout, carved (or counted) by `c`.
+  static SavedState carve(Carver& c, const LandmarkSpec<T>& spec, const detail::Dims& d) {
+    const int64_t BH = d.B * d.H, Z = z_count(spec, d);
+    SavedState s;
+    s.Nq = d.Nq, s.M = spec.M, s.Dv = d.Dv, s.iterations = spec.iterations;
+    s.lse1 = c.take<T>(BH * d.Nq);
+    s.w3 = c.take<T>(BH * spec.M * d.Dv);
+    s.lse3 = c.take<T>(BH * spec.M);
+    s.records = c.take<T>(Z * static_cast<int64_t>(ZRecord<T>::elements(spec.M, spec.iterations)));
+    s.steps = c.take<int>(Z);
+    return s;
+  }
+  static size_t bytes(const LandmarkSpec<T>& spec, const detail::Dims& d) {
+    Carver count;
+    carve(count, spec, d);
+    return detail::saved_header_bytes() + count.bytes;
+  }
+  /// In a block checked against bytes().
+  static SavedState at(const Saved& saved, const LandmarkSpec<T>& spec, const detail::Dims& d) {
+    detail::Arena body(saved_body(saved), saved.bytes - detail::saved_header_bytes());
+    Carver c{&body};
+    return carve(c, spec, d);
+  }
+
+  T* lse1_of(int64_t bh) const { return lse1 + bh * Nq; }
+  T* w3_of(int64_t bh) const { return w3 + bh * M * Dv; }
+  T* lse3_of(int64_t bh) const { return lse3 + bh * M; }
+  ZRecord<T> record(int64_t i) const {
+    return ZRecord<T>::at(records + static_cast<size_t>(i) * ZRecord<T>::elements(M, iterations), M, iterations);
+  }
+};
+
 /// Workspace layout of one landmark call; run and workspace_bytes both use it, so the byte
 /// count is the truth.
 struct Plan {
@@ -331,10 +417,12 @@ size_t landmark_workspace_bytes(const LandmarkSpec<T>& spec, const detail::Dims&
 }
 
 /// out = K1 · Z · (K3 · V) for every (batch, head); arguments already checked by the operator.
-/// No exact-softmax fallback here (Nyström applies it before calling).
+/// No exact-softmax fallback here (Nyström applies it before calling). With `saved`, also keeps
+/// what the backward needs there (the same workspace, the same arithmetic: out is unchanged).
 template <class T>
 void landmark_attention(const LandmarkSpec<T>& spec, const detail::Dims& d, Tensor<const T> q, Tensor<const T> k,
-                        Tensor<const T> v, Tensor<T> out, const Masks& masks, const Exec<Cpu>& exec) {
+                        Tensor<const T> v, Tensor<T> out, const Masks& masks, const Exec<Cpu>& exec,
+                        const landmark::SavedState<T>* saved = nullptr) {
   using namespace landmark;
   using detail::Arena;
   const int threads = thread_count(exec);
@@ -350,10 +438,18 @@ void landmark_attention(const LandmarkSpec<T>& spec, const detail::Dims& d, Tens
     shared_z = arena.take<T>(d.H * MM);
     Arena pre = arena;
     parallel_for(threads, d.H, pre, pl.prepass, [&](int64_t h, Arena scratch) {
-      compute_z(head_rows(spec.proxy_q, 0, h), nullptr, head_rows(spec.proxy_k, 0, h), nullptr, spec.scale,
-                Dropout{spec.dropout_seed, 0, h, spec.column_dropout}, spec.iterations, shared_z + h * MM, scratch);
+      const Dropout drop{spec.dropout_seed, 0, h, spec.column_dropout};
+      const auto lq = head_rows(spec.proxy_q, 0, h), lk = head_rows(spec.proxy_k, 0, h);
+      if (saved == nullptr) {
+        compute_z(lq, nullptr, lk, nullptr, spec.scale, drop, spec.iterations, shared_z + h * MM, scratch);
+      } else {
+        const ZRecord<T> r = saved->record(h);
+        saved->steps[h] = z_with_tape(lq, nullptr, lk, nullptr, spec.scale, drop, spec.iterations, r.k2, r.a, r.z,
+                                      r.tape, scratch);
+      }
     });
   }
+  const auto shared_z_of = [&](int64_t h) { return saved != nullptr ? saved->record(h).z : shared_z + h * MM; };
 
   // Per head of the chunk, kept from phase 1 to phase 2.
   Arena chunk_arena = arena;
@@ -388,9 +484,11 @@ void landmark_attention(const LandmarkSpec<T>& spec, const detail::Dims& d, Tens
         lq = dense<const T>(lq_data, M, d.D);
         lq_valid = lq_valid_data;
       }
+      const int64_t bh = first + i;
       T* w = w_all + i * M * d.Dv;
-      T* kv = spec.invert ? scratch.take<T>(M * d.Dv) : w;
-      T* z = spec.shared_z() ? shared_z + h * MM : spec.invert ? scratch.take<T>(MM) : nullptr;
+      T* kv = saved != nullptr ? saved->w3_of(bh) : spec.invert ? scratch.take<T>(M * d.Dv) : w;
+      T* z = spec.shared_z() ? shared_z_of(h) : !spec.invert ? nullptr : saved != nullptr ? saved->record(bh).z
+                                                                                          : scratch.take<T>(MM);
 
       HeadAttention<T> p;  // K3·V: the landmarks attend over (K, V)
       p.q = lq;
@@ -400,11 +498,22 @@ void landmark_attention(const LandmarkSpec<T>& spec, const detail::Dims& d, Tens
       p.key_valid = key_valid;
       p.query_valid = lq_valid;
       p.scale = spec.scale;
+      if (saved != nullptr) p.lse = saved->lse3_of(bh);
       attend_head(p, scratch);
-      if (!spec.invert) return;
-      if (!spec.shared_z())
-        compute_z(lq, lq_valid, lk_of(i, b, h), lk_valid_of(i), spec.scale,
-                  Dropout{spec.dropout_seed, b, h, spec.column_dropout}, spec.iterations, z, scratch);
+      if (!spec.invert) {
+        if (kv != w) std::copy(kv, kv + M * d.Dv, w);
+        return;
+      }
+      if (!spec.shared_z()) {
+        const Dropout drop{spec.dropout_seed, b, h, spec.column_dropout};
+        if (saved == nullptr) {
+          compute_z(lq, lq_valid, lk_of(i, b, h), lk_valid_of(i), spec.scale, drop, spec.iterations, z, scratch);
+        } else {
+          const ZRecord<T> r = saved->record(bh);
+          saved->steps[bh] = z_with_tape(lq, lq_valid, lk_of(i, b, h), lk_valid_of(i), spec.scale, drop,
+                                         spec.iterations, r.k2, r.a, r.z, r.tape, scratch);
+        }
+      }
       Map<T>(w, M, d.Dv).noalias() = ConstMap<T>(z, M, M) * ConstMap<T>(kv, M, d.Dv);
     });
 
@@ -421,6 +530,7 @@ void landmark_attention(const LandmarkSpec<T>& spec, const detail::Dims& d, Tens
       p.key_valid = lk_valid_of(i);
       p.query_valid = mask_row(masks.query_valid, masks.query_batch_stride, b);
       p.scale = spec.scale;
+      if (saved != nullptr) p.lse = saved->lse1_of(first + i);
       const int64_t i0 = tile * Tiles::kQuery;
       attend_rows(p, i0, std::min(d.Nq, i0 + Tiles::kQuery), scratch);
     });
@@ -492,20 +602,6 @@ constexpr size_t ns_backward_scratch_bytes(int64_t M) {
   return 5 * detail::bytes_of<T>(static_cast<size_t>(M * M));
 }
 
-/// Z as the forward computes it (compute_z), keeping what its backward needs: K2 before the
-/// dropout, A = K2 after it, and Z with its Newton–Schulz tape. Returns the steps taken.
-/// Scratch: z_scratch_bytes.
-template <class T>
-int z_with_tape(const MatrixView<const T>& lq, const uint8_t* lq_valid, const MatrixView<const T>& lk,
-                const uint8_t* lk_valid, T scale, const Dropout& drop, int iterations, T* k2, T* a, T* z,
-                const NewtonSchulzTape<T>& tape, detail::Arena scratch) {
-  const int64_t M = lq.rows;
-  kernel2(lq, lq_valid, lk, lk_valid, scale, Dropout{}, k2, scratch);
-  std::copy(k2, k2 + M * M, a);
-  apply_column_dropout(drop, a, M, M);
-  return newton_schulz(a, M, iterations, z, scratch, tape);
-}
-
 /// Scratch bytes of kernel2_backward.
 template <class T>
 constexpr size_t kernel2_backward_scratch_bytes(int64_t M, int64_t D) {
@@ -550,18 +646,6 @@ void spread_segments(const T* dl, int64_t M, const uint8_t* valid, const MatrixV
         for (int64_t c = 0; c < D; ++c) dx(r, c) += dl[i * D + c] * inv;
   }
 }
-
-/// Counts bytes (arena == nullptr) or hands out pieces of an arena: one layout for both.
-struct Carver {
-  detail::Arena* arena = nullptr;
-  size_t bytes = 0;
-  template <class U>
-  U* take(int64_t count) {
-    if (arena != nullptr) return arena->take<U>(static_cast<size_t>(count));
-    bytes += detail::bytes_of<U>(static_cast<size_t>(count));
-    return nullptr;
-  }
-};
 
 /// The buffers of one (b, h) of the backward.
 template <class T>
@@ -610,17 +694,14 @@ struct HeadBuffers {
 /// batch. In the shared region, head after head.
 template <class T>
 struct SharedZ {
-  T *z = nullptr, *dz_sum = nullptr, *k2 = nullptr, *a = nullptr;  // [M, M]
-  NewtonSchulzTape<T> tape;
+  ZRecord<T> rec;          // recomputed (without a saved forward)
+  T* dz_sum = nullptr;     // [M, M]
   static constexpr size_t elements(int64_t M, int iterations) {
-    return 4 * static_cast<size_t>(M * M) + NewtonSchulzTape<T>::elements(M, iterations);
+    return ZRecord<T>::elements(M, iterations) + static_cast<size_t>(M * M);
   }
   static SharedZ at(T* region, int64_t h, int64_t M, int iterations) {
     T* base = region + h * elements(M, iterations);
-    SharedZ s;
-    s.z = base, s.dz_sum = base + M * M, s.k2 = base + 2 * M * M, s.a = base + 3 * M * M;
-    s.tape = NewtonSchulzTape<T>::carve(base + 4 * M * M, M, iterations);
-    return s;
+    return {ZRecord<T>::at(base, M, iterations), base + ZRecord<T>::elements(M, iterations)};
   }
 };
 
@@ -684,11 +765,38 @@ size_t landmark_backward_workspace_bytes(const LandmarkSpec<T>& spec, const deta
   return landmark::backward_plan(spec, d, threads).total();
 }
 
-/// The gradients of landmark_attention (arguments already checked by the operator).
+/// A training forward's block (the operator's arguments already checked): checked against the
+/// call, its header begun (detail::finish_saved marks it done), and its layout.
+template <class Method, class T>
+landmark::SavedState<T> saved_for_forward(const char* where, const Method& m, const LandmarkSpec<T>& spec,
+                                          const detail::Dims& d, Tensor<const T> q, Tensor<const T> k,
+                                          Tensor<const T> v, Tensor<T> out, const Masks& masks, const Exec<Cpu>& exec,
+                                          const Saved& saved) {
+  detail::check_saved(where, saved, landmark::SavedState<T>::bytes(spec, d),
+                      detail::call_ranges(m, q, k, v, masks, exec, {detail::named("out", out)}));
+  detail::begin_saved(saved, saved_header(kSavedLandmark, d, spec.M, spec.iterations));
+  return landmark::SavedState<T>::at(saved, spec, d);
+}
+
+/// The backward's view of that block: checked against the call and against its header.
+template <class Method, class T>
+landmark::SavedState<T> saved_for_backward(const char* where, const Method& m, const LandmarkSpec<T>& spec,
+                                           const detail::Dims& d, Tensor<const T> q, Tensor<const T> k,
+                                           Tensor<const T> v, Tensor<const T> out, Tensor<const T> dout,
+                                           const Grads<T>& grads, const Masks& masks, const Exec<Cpu>& exec,
+                                           const Saved& saved) {
+  detail::check_saved(where, saved, landmark::SavedState<T>::bytes(spec, d),
+                      detail::call_ranges(m, q, k, v, masks, exec, detail::backward_ranges(out, dout, grads)));
+  detail::check_saved_header(where, saved, saved_header(kSavedLandmark, d, spec.M, spec.iterations));
+  return landmark::SavedState<T>::at(saved, spec, d);
+}
+
+/// The gradients of landmark_attention (arguments already checked by the operator). With the
+/// forward's `saved`, K3·V, Z and K1's row statistics are read, not recomputed (the same workspace).
 template <class T>
 void landmark_backward(const LandmarkSpec<T>& spec, const detail::Dims& d, Tensor<const T> q, Tensor<const T> k,
                        Tensor<const T> v, Tensor<const T> out, Tensor<const T> dout, const Grads<T>& grads,
-                       const Masks& masks, const Exec<Cpu>& exec) {
+                       const Masks& masks, const Exec<Cpu>& exec, const landmark::SavedState<T>* saved = nullptr) {
   using namespace landmark;
   using detail::Arena;
   const int threads = thread_count(exec);
@@ -717,11 +825,15 @@ void landmark_backward(const LandmarkSpec<T>& spec, const detail::Dims& d, Tenso
     parallel_for(threads, d.H, pre, pl.prepass, [&](int64_t h, Arena scratch) {
       const SharedZ<T> sz = shared_head(h);
       std::fill(sz.dz_sum, sz.dz_sum + MM, T(0));
+      if (saved != nullptr) return;
       shared_steps[h] = z_with_tape(head_rows(spec.proxy_q, 0, h), nullptr, head_rows(spec.proxy_k, 0, h), nullptr,
                                     spec.scale, Dropout{spec.dropout_seed, 0, h, spec.column_dropout},
-                                    spec.iterations, sz.k2, sz.a, sz.z, sz.tape, scratch);
+                                    spec.iterations, sz.rec.k2, sz.rec.a, sz.rec.z, sz.rec.tape, scratch);
     });
   }
+  // Shared proxies: head h's Z record and its step count, from the forward or the prepass.
+  const auto shared_record = [&](int64_t h) { return saved != nullptr ? saved->record(h) : shared_head(h).rec; };
+  const auto shared_step_count = [&](int64_t h) { return saved != nullptr ? saved->steps[h] : shared_steps[h]; };
 
   Arena chunk_arena = arena;
   const size_t slot_elems = pl.slots / sizeof(T);  // slots are whole, aligned T blocks
@@ -768,27 +880,36 @@ void landmark_backward(const LandmarkSpec<T>& spec, const detail::Dims& d, Tenso
           lk = head_rows(spec.proxy_k, pk_shared ? 0 : b, h);
         }
 
-        // The forward again: W3 = K3·V with its row statistics, Z (and its iterates), W = Z·W3.
+        // The forward's W3 = K3·V with its row statistics, Z (and its iterates): saved, or again.
+        const int64_t bh = b * d.H + h;
+        T* const w3 = saved != nullptr ? saved->w3_of(bh) : hb.w3;
+        T* const lse3 = saved != nullptr ? saved->lse3_of(bh) : hb.lse3;
         HeadAttention<T> p3;
         p3.q = lq;
         p3.k = K;
         p3.v = V;
-        p3.out = dense(hb.w3, M, d.Dv);
+        p3.out = dense(w3, M, d.Dv);
         p3.key_valid = key_valid;
         p3.query_valid = hb.lq_valid;
         p3.scale = spec.scale;
-        p3.lse = hb.lse3;
-        attend_head(p3, work);
-        const T* z = shared ? shared_head(h).z : hb.z;
+        p3.lse = lse3;
+        if (saved == nullptr) attend_head(p3, work);
+        ZRecord<T> zr{hb.z, hb.k2, hb.a, hb.tape};
         int steps = 0;
-        if (own_z) {
+        if (shared) {
+          zr = shared_record(h);
+        } else if (own_z && saved != nullptr) {
+          zr = saved->record(bh);
+          steps = saved->steps[bh];
+        } else if (own_z) {
           steps = z_with_tape(lq, hb.lq_valid, lk, hb.lk_valid, spec.scale,
-                              Dropout{spec.dropout_seed, b, h, spec.column_dropout}, spec.iterations, hb.k2, hb.a,
-                              hb.z, hb.tape, work);
+                              Dropout{spec.dropout_seed, b, h, spec.column_dropout}, spec.iterations, zr.k2, zr.a,
+                              zr.z, zr.tape, work);
         }
-        const T* w = hb.w3;
-        if (spec.invert) {
-          Map<T>(hb.w, M, d.Dv).noalias() = ConstMap<T>(z, M, M) * ConstMap<T>(hb.w3, M, d.Dv);
+        const T* z = zr.z;
+        const T* w = w3;
+        if (spec.invert) {  // W = Z·W3, as the forward's phase 1
+          Map<T>(hb.w, M, d.Dv).noalias() = ConstMap<T>(z, M, M) * ConstMap<T>(w3, M, d.Dv);
           w = hb.w;
         }
 
@@ -805,6 +926,7 @@ void landmark_backward(const LandmarkSpec<T>& spec, const detail::Dims& d, Tenso
         g1.dq = head_rows(grads.dq, b, h);
         g1.dk = dense(hb.dlk, M, d.D);
         g1.dv = dense(hb.dw, M, d.Dv);
+        if (saved != nullptr) g1.lse = saved->lse1_of(bh);
         fill(g1.dk, T(0));
         fill(g1.dv, T(0));
         backward_head(g1, work);
@@ -812,7 +934,7 @@ void landmark_backward(const LandmarkSpec<T>& spec, const detail::Dims& d, Tenso
         // W = Z·W3: dZ = dW·W3ᵀ, dW3 = Zᵀ·dW.
         const T* dw3 = hb.dw;
         if (spec.invert) {
-          Map<T>(hb.dz, M, M).noalias() = ConstMap<T>(hb.dw, M, d.Dv) * ConstMap<T>(hb.w3, M, d.Dv).transpose();
+          Map<T>(hb.dz, M, M).noalias() = ConstMap<T>(hb.dw, M, d.Dv) * ConstMap<T>(w3, M, d.Dv).transpose();
           Map<T>(hb.dw3, M, d.Dv).noalias() = ConstMap<T>(z, M, M).transpose() * ConstMap<T>(hb.dw, M, d.Dv);
           dw3 = hb.dw3;
         }
@@ -820,9 +942,9 @@ void landmark_backward(const LandmarkSpec<T>& spec, const detail::Dims& d, Tenso
         // W3 = K3·V: dLq, and this head's share of dK, dV.
         HeadAttentionGrad<T> g3;
         g3.fwd = p3;
-        g3.out = dense<const T>(hb.w3, M, d.Dv);
+        g3.out = dense<const T>(w3, M, d.Dv);
         g3.dout = dense<const T>(dw3, M, d.Dv);
-        g3.lse = hb.lse3;
+        g3.lse = lse3;
         g3.dq = dense(hb.dlq, M, d.D);
         g3.dk = dK;
         g3.dv = dV;
@@ -830,9 +952,9 @@ void landmark_backward(const LandmarkSpec<T>& spec, const detail::Dims& d, Tenso
 
         // Z through Newton–Schulz, the dropout factors and K2's softmax: more dLq, dLk.
         if (own_z) {
-          newton_schulz_backward(hb.a, M, steps, hb.tape, hb.dz, hb.da, work);
+          newton_schulz_backward(zr.a, M, steps, zr.tape, hb.dz, hb.da, work);
           apply_column_dropout(Dropout{spec.dropout_seed, b, h, spec.column_dropout}, hb.da, M, M);
-          kernel2_backward(hb.k2, hb.da, lq, lk, spec.scale, hb.dlq, hb.dlk, work);
+          kernel2_backward(zr.k2, hb.da, lq, lk, spec.scale, hb.dlq, hb.dlk, work);
         }
 
         // Into the gradients.
@@ -865,15 +987,16 @@ void landmark_backward(const LandmarkSpec<T>& spec, const detail::Dims& d, Tenso
   Arena fin = arena;
   parallel_for(threads, d.H, fin, pl.final_head, [&](int64_t h, Arena scratch) {
     const SharedZ<T> sz = shared_head(h);
+    const ZRecord<T> zr = shared_record(h);
     T* da = scratch.take<T>(MM);
     T* dlq = scratch.take<T>(M * d.D);
     T* dlk = scratch.take<T>(M * d.D);
     std::fill(dlq, dlq + M * d.D, T(0));
     std::fill(dlk, dlk + M * d.D, T(0));
     const auto lq = head_rows(spec.proxy_q, 0, h), lk = head_rows(spec.proxy_k, 0, h);
-    newton_schulz_backward(sz.a, M, shared_steps[h], sz.tape, sz.dz_sum, da, scratch);
+    newton_schulz_backward(zr.a, M, shared_step_count(h), zr.tape, sz.dz_sum, da, scratch);
     apply_column_dropout(Dropout{spec.dropout_seed, 0, h, spec.column_dropout}, da, M, M);
-    kernel2_backward(sz.k2, da, lq, lk, spec.scale, dlq, dlk, scratch);
+    kernel2_backward(zr.k2, da, lq, lk, spec.scale, dlq, dlk, scratch);
     add_to(head_rows(grads.dproxy_q, 0, h), dlq, false);
     add_to(head_rows(grads.dproxy_k, 0, h), dlk, false);
   });

@@ -35,13 +35,7 @@ struct Operator<Cpu, Nystrom> {
   template <class T>
   static void run(const Nystrom& m, Tensor<const T> q, Tensor<const T> k, Tensor<const T> v, Tensor<T> out,
                   const Masks& masks, const Exec<Cpu>& exec) {
-    cpu::require_cpu_type<T>();
-    constexpr const char* where = "effattn::attention<Cpu>(Nystrom)";
-    detail::check_nystrom(where, m);
-    const detail::Dims d = detail::check_attention(where, q, k, v, out, masks);
-    const T scale = static_cast<T>(detail::resolve_scale(where, m.scale, d.D));
-    if (exact(m, d.Nq, d.Nk)) return Operator<Cpu, Softmax>::run<T>(Softmax{m.scale, false}, q, k, v, out, masks, exec);
-    cpu::landmark_attention(spec<T>(m, scale), d, q, k, v, out, masks, exec);
+    forward<T>("effattn::attention<Cpu>(Nystrom)", m, q, k, v, out, nullptr, masks, exec);
   }
 
   static constexpr bool kHasBackward = true;
@@ -59,15 +53,71 @@ struct Operator<Cpu, Nystrom> {
   template <class T>
   static void backward(const Nystrom& m, Tensor<const T> q, Tensor<const T> k, Tensor<const T> v, Tensor<const T> out,
                        Tensor<const T> dout, const Grads<T>& grads, const Masks& masks, const Exec<Cpu>& exec) {
+    backward_impl<T>("effattn::attention_backward<Cpu>(Nystrom)", m, q, k, v, out, dout, nullptr, grads, masks, exec);
+  }
+
+  // ---- Training: the saved block is the landmark core's SavedState (Softmax's where exact).
+  static constexpr bool kHasSaved = true;
+
+  template <class T>
+  static size_t saved_bytes(const Nystrom& m, Tensor<const T> q, Tensor<const T> k, Tensor<const T> v) {
     cpu::require_cpu_type<T>();
-    constexpr const char* where = "effattn::attention_backward<Cpu>(Nystrom)";
+    detail::check_nystrom("effattn::saved_bytes<Cpu>(Nystrom)", m);
+    if (exact(m, q.shape[2], k.shape[2])) return Operator<Cpu, Softmax>::saved_bytes<T>(Softmax{m.scale, false}, q, k, v);
+    return cpu::landmark::SavedState<T>::bytes(spec<T>(m, T(1)), detail::dims_of(q, k, v));
+  }
+
+  template <class T>
+  static void run_saving(const Nystrom& m, Tensor<const T> q, Tensor<const T> k, Tensor<const T> v, Tensor<T> out,
+                         const Saved& saved, const Masks& masks, const Exec<Cpu>& exec) {
+    forward<T>("effattn::attention_with_saved<Cpu>(Nystrom)", m, q, k, v, out, &saved, masks, exec);
+  }
+
+  template <class T>
+  static void backward_saved(const Nystrom& m, Tensor<const T> q, Tensor<const T> k, Tensor<const T> v,
+                             Tensor<const T> out, Tensor<const T> dout, const Saved& saved, const Grads<T>& grads,
+                             const Masks& masks, const Exec<Cpu>& exec) {
+    backward_impl<T>("effattn::attention_backward_with_saved<Cpu>(Nystrom)", m, q, k, v, out, dout, &saved, grads,
+                     masks, exec);
+  }
+
+ private:
+  template <class T>
+  static void forward(const char* where, const Nystrom& m, Tensor<const T> q, Tensor<const T> k, Tensor<const T> v,
+                      Tensor<T> out, const Saved* saved, const Masks& masks, const Exec<Cpu>& exec) {
+    cpu::require_cpu_type<T>();
+    detail::check_nystrom(where, m);
+    const detail::Dims d = detail::check_attention(where, q, k, v, out, masks);
+    const T scale = static_cast<T>(detail::resolve_scale(where, m.scale, d.D));
+    const Softmax exact_softmax{m.scale, false};
+    if (exact(m, d.Nq, d.Nk))
+      return saved != nullptr ? Operator<Cpu, Softmax>::run_saving<T>(exact_softmax, q, k, v, out, *saved, masks, exec)
+                              : Operator<Cpu, Softmax>::run<T>(exact_softmax, q, k, v, out, masks, exec);
+    const cpu::LandmarkSpec<T> s = spec<T>(m, scale);
+    if (saved == nullptr) return cpu::landmark_attention(s, d, q, k, v, out, masks, exec);
+    const auto state = cpu::saved_for_forward(where, m, s, d, q, k, v, out, masks, exec, *saved);
+    cpu::landmark_attention(s, d, q, k, v, out, masks, exec, &state);
+    detail::finish_saved(*saved);
+  }
+
+  template <class T>
+  static void backward_impl(const char* where, const Nystrom& m, Tensor<const T> q, Tensor<const T> k,
+                            Tensor<const T> v, Tensor<const T> out, Tensor<const T> dout, const Saved* saved,
+                            const Grads<T>& grads, const Masks& masks, const Exec<Cpu>& exec) {
+    cpu::require_cpu_type<T>();
     detail::check_nystrom(where, m);
     detail::require_no_proxy_grads(where, grads);
     const detail::Dims d = detail::check_backward(where, q, k, v, out, dout, grads, masks);
     const T scale = static_cast<T>(detail::resolve_scale(where, m.scale, d.D));
+    const Softmax exact_softmax{m.scale, false};
     if (exact(m, d.Nq, d.Nk))
-      return Operator<Cpu, Softmax>::backward<T>(Softmax{m.scale, false}, q, k, v, out, dout, grads, masks, exec);
-    cpu::landmark_backward(spec<T>(m, scale), d, q, k, v, out, dout, grads, masks, exec);
+      return saved != nullptr ? Operator<Cpu, Softmax>::backward_saved<T>(exact_softmax, q, k, v, out, dout, *saved,
+                                                                          grads, masks, exec)
+                              : Operator<Cpu, Softmax>::backward<T>(exact_softmax, q, k, v, out, dout, grads, masks, exec);
+    const cpu::LandmarkSpec<T> s = spec<T>(m, scale);
+    if (saved == nullptr) return cpu::landmark_backward(s, d, q, k, v, out, dout, grads, masks, exec);
+    const auto state = cpu::saved_for_backward(where, m, s, d, q, k, v, out, dout, grads, masks, exec, *saved);
+    cpu::landmark_backward(s, d, q, k, v, out, dout, grads, masks, exec, &state);
   }
 };
 

@@ -35,14 +35,7 @@ struct Operator<Cpu, Proxy<T>> {
   static void run(const Proxy<T>& m, Tensor<const U> q, Tensor<const U> k, Tensor<const U> v, Tensor<U> out,
                   const Masks& masks, const Exec<Cpu>& exec) {
     static_assert(std::is_same_v<T, U>, "effattn: Proxy<T> needs q, k, v and out of element type T");
-    cpu::require_cpu_type<T>();
-    constexpr const char* where = "effattn::attention<Cpu>(Proxy)";
-    const detail::Dims d = detail::check_attention(where, q, k, v, out, masks);
-    detail::check_proxy(where, m, q);
-    const T scale = static_cast<T>(detail::resolve_scale(where, m.scale, d.D));
-    detail::require(!detail::overlaps(m.proxy_q, out) && !detail::overlaps(m.proxy_k, out), where,
-                    ": out overlaps proxy_q or proxy_k in memory");
-    cpu::landmark_attention(spec(m, scale), d, q, k, v, out, masks, exec);
+    forward("effattn::attention<Cpu>(Proxy)", m, q, k, v, out, nullptr, masks, exec);
   }
 
   static constexpr bool kHasBackward = true;
@@ -62,8 +55,56 @@ struct Operator<Cpu, Proxy<T>> {
   static void backward(const Proxy<T>& m, Tensor<const U> q, Tensor<const U> k, Tensor<const U> v, Tensor<const U> out,
                        Tensor<const U> dout, const Grads<U>& grads, const Masks& masks, const Exec<Cpu>& exec) {
     static_assert(std::is_same_v<T, U>, "effattn: Proxy<T> needs q, k, v and the gradients of element type T");
+    backward_impl("effattn::attention_backward<Cpu>(Proxy)", m, q, k, v, out, dout, nullptr, grads, masks, exec);
+  }
+
+  // ---- Training: the saved block is the landmark core's SavedState.
+  static constexpr bool kHasSaved = true;
+
+  template <class U>
+  static size_t saved_bytes(const Proxy<T>& m, Tensor<const U> q, Tensor<const U> k, Tensor<const U> v) {
+    static_assert(std::is_same_v<T, U>, "effattn: Proxy<T> needs q, k and v of element type T");
     cpu::require_cpu_type<T>();
-    constexpr const char* where = "effattn::attention_backward<Cpu>(Proxy)";
+    detail::check_proxy("effattn::saved_bytes<Cpu>(Proxy)", m, q);
+    return cpu::landmark::SavedState<T>::bytes(spec(m, T(1)), detail::dims_of(q, k, v));
+  }
+
+  template <class U>
+  static void run_saving(const Proxy<T>& m, Tensor<const U> q, Tensor<const U> k, Tensor<const U> v, Tensor<U> out,
+                         const Saved& saved, const Masks& masks, const Exec<Cpu>& exec) {
+    static_assert(std::is_same_v<T, U>, "effattn: Proxy<T> needs q, k, v and out of element type T");
+    forward("effattn::attention_with_saved<Cpu>(Proxy)", m, q, k, v, out, &saved, masks, exec);
+  }
+
+  template <class U>
+  static void backward_saved(const Proxy<T>& m, Tensor<const U> q, Tensor<const U> k, Tensor<const U> v,
+                             Tensor<const U> out, Tensor<const U> dout, const Saved& saved, const Grads<U>& grads,
+                             const Masks& masks, const Exec<Cpu>& exec) {
+    static_assert(std::is_same_v<T, U>, "effattn: Proxy<T> needs q, k, v and the gradients of element type T");
+    backward_impl("effattn::attention_backward_with_saved<Cpu>(Proxy)", m, q, k, v, out, dout, &saved, grads, masks,
+                  exec);
+  }
+
+ private:
+  static void forward(const char* where, const Proxy<T>& m, Tensor<const T> q, Tensor<const T> k, Tensor<const T> v,
+                      Tensor<T> out, const Saved* saved, const Masks& masks, const Exec<Cpu>& exec) {
+    cpu::require_cpu_type<T>();
+    const detail::Dims d = detail::check_attention(where, q, k, v, out, masks);
+    detail::check_proxy(where, m, q);
+    const T scale = static_cast<T>(detail::resolve_scale(where, m.scale, d.D));
+    detail::require(!detail::overlaps(m.proxy_q, out) && !detail::overlaps(m.proxy_k, out), where,
+                    ": out overlaps proxy_q or proxy_k in memory");
+    const cpu::LandmarkSpec<T> s = spec(m, scale);
+    if (saved == nullptr) return cpu::landmark_attention(s, d, q, k, v, out, masks, exec);
+    const auto state = cpu::saved_for_forward(where, m, s, d, q, k, v, out, masks, exec, *saved);
+    cpu::landmark_attention(s, d, q, k, v, out, masks, exec, &state);
+    detail::finish_saved(*saved);
+  }
+
+  static void backward_impl(const char* where, const Proxy<T>& m, Tensor<const T> q, Tensor<const T> k,
+                            Tensor<const T> v, Tensor<const T> out, Tensor<const T> dout, const Saved* saved,
+                            const Grads<T>& grads, const Masks& masks, const Exec<Cpu>& exec) {
+    cpu::require_cpu_type<T>();
     detail::check_proxy(where, m, q);
     const detail::Dims d = detail::check_backward(where, q, k, v, out, dout, grads, masks,
                                                   {detail::named("proxy_q", m.proxy_q), detail::named("proxy_k", m.proxy_k)});
@@ -77,7 +118,10 @@ struct Operator<Cpu, Proxy<T>> {
       detail::check_writable(where, *proxy_grads[i], names[i]);
     }
     const T scale = static_cast<T>(detail::resolve_scale(where, m.scale, d.D));
-    cpu::landmark_backward(spec(m, scale), d, q, k, v, out, dout, grads, masks, exec);
+    const cpu::LandmarkSpec<T> s = spec(m, scale);
+    if (saved == nullptr) return cpu::landmark_backward(s, d, q, k, v, out, dout, grads, masks, exec);
+    const auto state = cpu::saved_for_backward(where, m, s, d, q, k, v, out, dout, grads, masks, exec, *saved);
+    cpu::landmark_backward(s, d, q, k, v, out, dout, grads, masks, exec, &state);
   }
 };
 

@@ -62,7 +62,51 @@ struct Operator<Cpu, Softmax> {
                      exec);
   }
 
+  // ---- Training: the saved block holds the row log-sum-exp, [B, H, Nq] of acc_t<T>, after its
+  // header; the backward reads it as attention_backward_with_lse would.
+  static constexpr bool kHasSaved = true;
+
+  template <class T>
+  static size_t saved_bytes(const Softmax&, Tensor<const T> q, Tensor<const T>, Tensor<const T>) {
+    cpu::require_cpu_type<T>();
+    return detail::saved_header_bytes() + detail::bytes_of<acc_t<T>>(q.shape[0] * q.shape[1] * q.shape[2]);
+  }
+
+  template <class T>
+  static void run_saving(const Softmax& m, Tensor<const T> q, Tensor<const T> k, Tensor<const T> v, Tensor<T> out,
+                         const Saved& saved, const Masks& masks, const Exec<Cpu>& exec) {
+    constexpr const char* where = "effattn::attention_with_saved<Cpu>(Softmax)";
+    cpu::require_cpu_type<T>();
+    const detail::Dims d = detail::check_attention(where, q, k, v, out, masks);
+    detail::check_saved(where, saved, saved_bytes<T>(m, q, k, v),
+                        detail::call_ranges(m, q, k, v, masks, exec, {detail::named("out", out)}));
+    detail::begin_saved(saved, cpu::saved_header(cpu::kSavedSoftmax, d));
+    const Tensor<T> lse = saved_lse<T>(saved, d);
+    forward<T>(where, m, q, k, v, out, &lse, masks, exec);
+    detail::finish_saved(saved);
+  }
+
+  template <class T>
+  static void backward_saved(const Softmax& m, Tensor<const T> q, Tensor<const T> k, Tensor<const T> v,
+                             Tensor<const T> out, Tensor<const T> dout, const Saved& saved, const Grads<T>& grads,
+                             const Masks& masks, const Exec<Cpu>& exec) {
+    constexpr const char* where = "effattn::attention_backward_with_saved<Cpu>(Softmax)";
+    cpu::require_cpu_type<T>();
+    detail::require_no_proxy_grads(where, grads);
+    const detail::Dims d = detail::check_backward(where, q, k, v, out, dout, grads, masks);
+    detail::check_saved(where, saved, saved_bytes<T>(m, q, k, v),
+                        detail::call_ranges(m, q, k, v, masks, exec, detail::backward_ranges(out, dout, grads)));
+    detail::check_saved_header(where, saved, cpu::saved_header(cpu::kSavedSoftmax, d));
+    const Tensor<const T> lse = saved_lse<T>(saved, d);
+    backward_impl<T>(where, m, q, k, v, out, dout, &lse, grads, masks, exec);
+  }
+
  private:
+  template <class T>
+  static Tensor<T> saved_lse(const Saved& saved, const detail::Dims& d) {
+    return bhsd(reinterpret_cast<T*>(cpu::saved_body(saved)), d.B, d.H, d.Nq, 1);
+  }
+
   template <class T>
   static void forward(const char* where, const Softmax& m, Tensor<const T> q, Tensor<const T> k, Tensor<const T> v,
                       Tensor<T> out, const Tensor<T>* lse, const Masks& masks, const Exec<Cpu>& exec) {
