@@ -1,9 +1,10 @@
 // Do trained proxy tokens make better landmarks than Nyströmformer's segment means? Proxyformer
 // (AAAI 2024) claims so: fewer, less redundant landmarks for the same accuracy, helped by its
 // decomposed column dropout and a contrastive loss on the proxies. This program trains shared
-// proxies proxy_q, proxy_k [1, H, M, D] with effattn::attention_backward<Cpu>(Proxy<float>) and
-// a small Adam, to make Proxy attention match exact softmax attention, and measures the result
-// on held-out inputs against Nyström and untrained proxies.
+// proxies proxy_q, proxy_k [1, H, M, D] with effattn's training pair for Proxy<float>
+// (attention_with_saved, then attention_backward_with_saved from what it kept) and a small Adam,
+// to make Proxy attention match exact softmax attention, and measures the result on held-out
+// inputs against Nyström and untrained proxies.
 //
 // Inputs: clustered token embeddings (train/proxies.hpp). Each token has a type drawn like words
 // of text (Zipf frequencies over 64 types, runs of mean length 10); per head, q and k are the
@@ -17,7 +18,7 @@
 // Training: each step draws --batch sequences from a pool of --train-sequences (exact outputs
 // computed once) and minimizes
 //   J = MSE + lambda L_con,   MSE = (1/n) sum (out_proxy − out_exact)^2 over the batch (n elements),
-// the MSE's gradient dout = 2 (out_proxy − out_exact) / n going through attention_backward (only
+// the MSE's gradient dout = 2 (out_proxy − out_exact) / n going through the backward (only
 // dproxy_q and dproxy_k are used; dq, dk, dv are written to scratch). Column dropout, when on,
 // draws a fresh dropout_seed every step; evaluation runs with column_dropout = 0, as a dropout
 // layer in eval mode. Adam (train::Adam) updates both proxy sets.
@@ -60,6 +61,8 @@
 #include <ctime>
 #include <effattn/effattn.hpp>
 #include <filesystem>
+#include <memory>
+#include <new>
 #include <random>
 #include <sstream>
 #include <string>
@@ -386,7 +389,16 @@ class Trainer {
       }
       const uint64_t drop_seed = o_.seed * 1000003u + static_cast<uint64_t>(step);  // fresh mask each step
       const effattn::Proxy<float> method = proxies.method(o_.iterations, dropout, drop_seed);
-      effattn::attention<effattn::Cpu>(method, cview(q_), cview(k_), cview(v_), view(out_), {}, exec_);
+      // The training forward keeps K3·V, Z with its Newton–Schulz iterates and the row statistics
+      // for the backward, in a block held across steps.
+      const size_t keep = effattn::saved_bytes<effattn::Cpu>(method, cview(q_), cview(k_), cview(v_));
+      if (keep > saved_.bytes) {
+        saved_memory_.reset(std::aligned_alloc(64, (keep + 63) / 64 * 64));
+        if (!saved_memory_) throw std::bad_alloc();
+        saved_ = {saved_memory_.get(), keep};
+      }
+      effattn::attention_with_saved<effattn::Cpu>(method, cview(q_), cview(k_), cview(v_), view(out_), saved_, {},
+                                                  exec_);
       const double n = double(out_.size());
       double sq = 0;
       for (size_t i = 0; i < out_.size(); ++i) {
@@ -397,8 +409,8 @@ class Trainer {
       mse = sq / n;
       effattn::Grads<float> g{view(dq_), view(dk_), view(dv_), effattn::bhsd(grad.side(0), 1, H, M, D),
                               effattn::bhsd(grad.side(1), 1, H, M, D)};
-      effattn::attention_backward<effattn::Cpu>(method, cview(q_), cview(k_), cview(v_), cview(out_), cview(dout_), g,
-                                                {}, exec_);
+      effattn::attention_backward_with_saved<effattn::Cpu>(method, cview(q_), cview(k_), cview(v_), cview(out_),
+                                                           cview(dout_), saved_, g, {}, exec_);
       con = lambda > 0 ? 0 : NAN;
       if (lambda > 0)
         for (int s = 0; s < 2; ++s)
@@ -447,6 +459,8 @@ class Trainer {
   const Set& pool_;
   const Set& eval_;
   effattn::Exec<effattn::Cpu> exec_;
+  std::unique_ptr<void, void (*)(void*)> saved_memory_{nullptr, std::free};
+  effattn::Saved saved_;
   std::vector<float> q_, k_, v_, exact_, out_, dout_, dq_, dk_, dv_, eval_out_;
 };
 

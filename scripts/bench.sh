@@ -74,7 +74,10 @@ if [ $backend = cuda ]; then
   cmake_args=(-DEFFATTN_CUDA=ON -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc -DCMAKE_CUDA_ARCHITECTURES="$arch")
   target=attention_cuda_bench
 else
-  device="$(sed -n 's/^model name[[:space:]]*:[[:space:]]*//p' /proc/cpuinfo | head -1), $(nproc) threads"
+  # The model name alone can be the same for different CPUs (a KVM guest's "Intel(R) Xeon(R)
+  # Processor"), so the family and model numbers go into the name of the result files too.
+  cpu_field() { sed -n "s/^$1[[:space:]]*:[[:space:]]*//p" /proc/cpuinfo | head -1; }
+  device="$(cpu_field 'model name'), family $(cpu_field 'cpu family') model $(cpu_field 'model'), $(nproc) threads"
   build_dir=${EFFATTN_BENCH_BUILD_DIR:-build/bench-cpu}
   cmake_args=(-DEFFATTN_CUDA=OFF)
   target=attention_cpu_bench

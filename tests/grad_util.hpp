@@ -78,10 +78,11 @@ struct BackwardData {
   /// The forward; `saving`: the training forward (attention_with_saved), whose block, poisoned
   /// first, the backward then reads (attention_backward_with_saved).
   template <class Method>
-  void forward(const Method& m, bool saving = false) {
+  void forward(const Method& m, bool saving = false, int threads = 0) {
+    const effattn::Exec<effattn::Cpu> exec{threads};
     if (!saving) {
       saved = {};
-      effattn::attention<effattn::Cpu>(m, data.q.cview(), data.k.cview(), data.v.cview(), data.out.view, masks);
+      effattn::attention<effattn::Cpu>(m, data.q.cview(), data.k.cview(), data.v.cview(), data.out.view, masks, exec);
       return;
     }
     const size_t bytes = effattn::saved_bytes<effattn::Cpu>(m, data.q.cview(), data.k.cview(), data.v.cview());
@@ -90,7 +91,7 @@ struct BackwardData {
     base += (64 - reinterpret_cast<uintptr_t>(base) % 64) % 64;
     saved = {bytes > 0 ? base : nullptr, bytes};
     effattn::attention_with_saved<effattn::Cpu>(m, data.q.cview(), data.k.cview(), data.v.cview(), data.out.view,
-                                                saved, masks);
+                                                saved, masks, exec);
   }
   template <class Method>
   void backward(const Method& m, const effattn::Grads<T>& g, int threads = 0) {
