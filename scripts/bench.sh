@@ -110,7 +110,7 @@ if [ -n "$peers_python" ]; then
   bin="$build_dir/bench/$target"
   # Three sessions, each interleaving effattn and the peers per (shape, N) for $rounds rounds:
   # the LRA table (+ the per-issue targets), the FlashAttention shape, and double at the LRA shape.
-  common=(--bench "$bin" --rounds "$rounds" --device-name "$device" --commit "$commit" --quiet --min-calls 1)
+  common=(--bench "$bin" --rounds "$rounds" --device-name "$device" --commit "$commit" --quiet --min-calls 3)
   if [ $backend = cuda ]; then types_lra=half; else types_lra=float; fi
   sessions=(
     "lra|--shapes lra --seq 512,1024,2048,4096,8192 --types $types_lra --targets

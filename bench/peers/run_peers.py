@@ -31,6 +31,7 @@ import datetime
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -204,7 +205,8 @@ def run_case(torch, args, method, shape, N, dtype_name, pass_="forward"):
                 grown = mem.grown
             del out
             scratch = max(0, grown - H * N * D * elt * (4 if backward else 1))  # less out (and grads), counted in io
-            # Timed: the batch, after a warm-up, until --min-time has passed and --min-calls ran.
+            # Timed: the batch, after a warm-up, until --min-time has passed and --min-calls ran; the
+            # median call (one slow call, a collection or a page-in, must not decide a round).
             call(q, k, v, dout)
             times = []
             while sum(times) < args.min_time or len(times) < args.min_calls:
@@ -219,7 +221,7 @@ def run_case(torch, args, method, shape, N, dtype_name, pass_="forward"):
                     t0 = time.perf_counter()
                     call(q, k, v, dout)
                     times.append(time.perf_counter() - t0)
-        t = sum(times) / len(times)
+        t = statistics.median(times)
         entry.update(iterations=len(times), real_time=t * 1e3, cpu_time=t * 1e3)
         entry["seq/s"] = B / t
         entry["tok/s"] = B * N / t
@@ -274,7 +276,7 @@ def main():
                                                        "e.g. lra=16384,fa64=4096")
     p.add_argument("--max-scores-mb", type=float, default=4096)
     p.add_argument("--min-time", type=float, default=0.2, help="seconds of timed calls per case")
-    p.add_argument("--min-calls", type=int, default=2, help="timed calls per case at least")
+    p.add_argument("--min-calls", type=int, default=3, help="timed calls per case at least")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device-name", help="name in the table header (default: the GPU's or CPU's name)")
     p.add_argument("--out", default="peers.json",
@@ -366,7 +368,7 @@ def main():
         "peer_note": ", ".join(f"{k} {v}" for k, v in versions.items()) + "; inputs N(0, 1); memory per sequence = "
                      "q, k, v, out + " + ("torch.cuda.max_memory_allocated growth" if a.device == "cuda"
                                          else "growth of the process's peak RSS (VmHWM, approximate)") +
-                     " during a one-sequence call; time = mean of the timed calls of a round.",
+                     " during a one-sequence call; time = median of the timed calls of a round (at least --min-calls).",
     }
     peers_path = a.out + ".peers.json" if a.bench else a.out
     with open(peers_path, "w") as f:
