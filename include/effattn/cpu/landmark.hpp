@@ -27,6 +27,7 @@
 
 #include "effattn/core.hpp"
 #include "effattn/cpu/common.hpp"
+#include "effattn/cpu/gemm.hpp"
 #include "effattn/cpu/parallel.hpp"
 #include "effattn/cpu/softmax_tiles.hpp"
 
@@ -56,6 +57,20 @@ template <class T>
 using Map = Eigen::Map<RowMatrix<T>>;
 template <class T>
 using ConstMap = Eigen::Map<const RowMatrix<T>>;
+
+/// A row-major Eigen map as the operand of gemm, as its transpose, and as gemm's output.
+template <class M>
+MatrixView<const typename M::Scalar> in(const M& m) {
+  return {m.data(), m.rows(), m.cols(), m.outerStride(), 1};
+}
+template <class M>
+MatrixView<const typename M::Scalar> in_t(const M& m) {
+  return {m.data(), m.cols(), m.rows(), 1, m.outerStride()};
+}
+template <class T>
+MatrixView<T> out(Map<T>& m) {
+  return {m.data(), m.rows(), m.cols(), m.outerStride(), 1};
+}
 
 /// A contiguous row-major [rows, cols] matrix as a MatrixView.
 template <class T>
@@ -98,7 +113,7 @@ void guard_probes(T* p, int64_t M) {
 template <class T>
 constexpr size_t pinv_scratch_bytes(int64_t M) {
   return 3 * detail::bytes_of<T>(static_cast<size_t>(M * M)) +
-         3 * detail::bytes_of<T>(static_cast<size_t>(M * kGuardProbes));
+         3 * detail::bytes_of<T>(static_cast<size_t>(M * kGuardProbes)) + gemm_scratch_bytes<T>(M);
 }
 
 /// What newton_schulz records for its backward: the iterates Z0, Z1, ... and each step's
@@ -186,7 +201,7 @@ int newton_schulz(const T* k2, int64_t M, int iterations, T* z, detail::Arena sc
   int steps = 0;
   for (int it = 0; it <= iterations; ++it) {
     Map<T> Zc(cur, M, M), S(spare, M, M);
-    KZ.noalias() = K2 * Zc;
+    gemm<T>(in(K2), in(Zc), T(1), false, out(KZ), scratch);
     const T residual = probe_residual(KZ, KP, probed);
     if (it > 0 && !(residual <= 2 * best)) {  // grown, or NaN: back to the previous iterate
       std::swap(cur, spare);
@@ -196,17 +211,17 @@ int newton_schulz(const T* k2, int64_t M, int iterations, T* z, detail::Arena sc
     best = std::min(best, residual);
     if (it == iterations) break;
     A = T(7) * I - KZ;
-    S = T(15) * I;  // S holds 15I − KZ·A, then the next Z
-    S.noalias() -= KZ * A;
-    A = T(13) * I;
-    A.noalias() -= KZ * S;
+    gemm<T>(in(KZ), in(A), T(-1), false, out(S), scratch);  // S holds 15I − KZ·A, then the next Z
+    S.diagonal().array() += T(15);
+    gemm<T>(in(KZ), in(S), T(-1), false, out(A), scratch);
+    A.diagonal().array() += T(13);
     if (tape.products != nullptr) {  // X = K2 Z, Y2 = 15I − X Y1, Y3 = 13I − X Y2 of this step
       T* x = tape.products + 3 * steps * M * M;
       Map<T>(x, M, M) = KZ;
       Map<T>(x + M * M, M, M) = S;
       Map<T>(x + 2 * M * M, M, M) = A;
     }
-    S.noalias() = T(0.25) * (Zc * A);
+    gemm<T>(in(Zc), in(A), T(0.25), false, out(S), scratch);
     std::swap(cur, spare);
     ++steps;
     if (iterates != nullptr) Map<T>(iterates + steps * M * M, M, M) = S;
@@ -577,17 +592,17 @@ void newton_schulz_backward(const T* a, int64_t M, int steps, const NewtonSchulz
     const T* x = tape.products + 3 * t * M * M;
     const ConstMap<T> X(x, M, M), Y2(x + M * M, M, M), Y3(x + 2 * M * M, M, M);
     Y1 = T(7) * I - X;
-    G *= T(0.25);                           // ∂L/∂(Z Y3)
-    gZ.noalias() = G * Y3.transpose();      // through Z of Z·Y3
-    gY.noalias() = Z.transpose() * G;       // ∂L/∂Y3
-    gX.noalias() = -(gY * Y2.transpose());  // Y3 = 13I − X Y2
-    G.noalias() = -(X.transpose() * gY);    // ∂L/∂Y2
-    gX.noalias() -= G * Y1.transpose();     // Y2 = 15I − X Y1
-    gY.noalias() = -(X.transpose() * G);    // ∂L/∂Y1
-    gX -= gY;                               // Y1 = 7I − X
-    dA.noalias() += gX * Z.transpose();     // X = A Z
-    gZ.noalias() += A.transpose() * gX;
-    G = gZ;                                 // ∂L/∂Z of this step's input
+    G *= T(0.25);                                         // ∂L/∂(Z Y3)
+    gemm<T>(in(G), in_t(Y3), T(1), false, out(gZ), scratch);     // through Z of Z·Y3
+    gemm<T>(in_t(Z), in(G), T(1), false, out(gY), scratch);      // ∂L/∂Y3
+    gemm<T>(in(gY), in_t(Y2), T(-1), false, out(gX), scratch);   // Y3 = 13I − X Y2
+    gemm<T>(in_t(X), in(gY), T(-1), false, out(G), scratch);     // ∂L/∂Y2
+    gemm<T>(in(G), in_t(Y1), T(-1), true, out(gX), scratch);     // Y2 = 15I − X Y1
+    gemm<T>(in_t(X), in(G), T(-1), false, out(gY), scratch);     // ∂L/∂Y1
+    gX -= gY;                                             // Y1 = 7I − X
+    gemm<T>(in(gX), in_t(Z), T(1), true, out(dA), scratch);      // X = A Z
+    gemm<T>(in_t(A), in(gX), T(1), true, out(gZ), scratch);
+    G = gZ;                                               // ∂L/∂Z of this step's input
   }
   // Z0 = Aᵀ / (c r), c = column sum at z0.column, r = row sum at z0.row.
   dA += G.transpose() / denom;
@@ -599,7 +614,7 @@ void newton_schulz_backward(const T* a, int64_t M, int steps, const NewtonSchulz
 /// Scratch bytes of newton_schulz_backward.
 template <class T>
 constexpr size_t ns_backward_scratch_bytes(int64_t M) {
-  return 5 * detail::bytes_of<T>(static_cast<size_t>(M * M));
+  return 5 * detail::bytes_of<T>(static_cast<size_t>(M * M)) + gemm_scratch_bytes<T>(M);
 }
 
 /// Scratch bytes of kernel2_backward.
