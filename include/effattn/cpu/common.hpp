@@ -1,5 +1,6 @@
 // What every CPU operator uses: strided host matrices, one (batch, head) of a view as a matrix,
-// a mask row of one sequence, and the element types the CPU backend computes in.
+// a mask row of one sequence, the element types the CPU backend computes in, and the unroll
+// pragma of the micro-kernels.
 #pragma once
 #include <cstdint>
 #include <type_traits>
@@ -7,6 +8,15 @@
 #include "effattn/core/check.hpp"
 #include "effattn/core/saved.hpp"
 #include "effattn/core/tensor.hpp"
+
+// Fully unrolls the loop after it (register-blocked micro-kernels: constant trip counts).
+#if defined(__clang__)
+#define EFFATTN_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define EFFATTN_UNROLL _Pragma("GCC unroll 16")
+#else
+#define EFFATTN_UNROLL
+#endif
 
 namespace effattn {
 namespace cpu {

@@ -1,7 +1,7 @@
 // Small dense products for the landmark core (M x M with M in the hundreds: Newton–Schulz and its
 // backward), where a general GEMM spends a fifth of its time packing both operands. Here only a
-// 2-packet-wide panel of B is copied (contiguous, zero-padded, resident in L1 while every row of A
-// passes); A's elements are broadcast straight from memory with any strides, so a transposed A
+// panel of B, 4 packets wide (2 with 16 vector registers), is copied (contiguous, zero-padded,
+// resident in L1 while every row of A passes); A's elements are broadcast straight from memory with any strides, so a transposed A
 // costs nothing. Every product is computed (no skipped zeros): a NaN anywhere in a row of A or a
 // column of B reaches the output as it would through Eigen.
 #pragma once
@@ -12,14 +12,6 @@
 
 #include "effattn/core/workspace.hpp"
 #include "effattn/cpu/common.hpp"
-
-#if defined(__clang__)
-#define EFFATTN_GEMM_UNROLL _Pragma("unroll")
-#elif defined(__GNUC__)
-#define EFFATTN_GEMM_UNROLL _Pragma("GCC unroll 16")
-#else
-#define EFFATTN_GEMM_UNROLL
-#endif
 
 namespace effattn {
 namespace cpu {
@@ -51,21 +43,21 @@ EIGEN_ALWAYS_INLINE void micro(const T* a, int64_t ars, int64_t acs, int64_t k, 
   using P = typename S::P;
   constexpr int L = S::L;
   P acc[RR][NP];
-  EFFATTN_GEMM_UNROLL
+  EFFATTN_UNROLL
   for (int r = 0; r < RR; ++r)
-    EFFATTN_GEMM_UNROLL
+    EFFATTN_UNROLL
     for (int n = 0; n < NP; ++n) acc[r][n] = pset1<P>(T(0));
   const T* ar[RR];
-  EFFATTN_GEMM_UNROLL
+  EFFATTN_UNROLL
   for (int r = 0; r < RR; ++r) ar[r] = a + r * ars;
   for (int64_t kk = 0; kk < k; ++kk) {
     P b[NP];
-    EFFATTN_GEMM_UNROLL
+    EFFATTN_UNROLL
     for (int n = 0; n < NP; ++n) b[n] = ploadu<P>(panel + kk * S::kCols + n * L);
-    EFFATTN_GEMM_UNROLL
+    EFFATTN_UNROLL
     for (int r = 0; r < RR; ++r) {
       const P av = pset1<P>(ar[r][kk * acs]);
-      EFFATTN_GEMM_UNROLL
+      EFFATTN_UNROLL
       for (int n = 0; n < NP; ++n) acc[r][n] = pmadd(av, b[n], acc[r][n]);
     }
   }

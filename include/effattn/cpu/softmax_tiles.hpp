@@ -29,14 +29,6 @@
 #include "effattn/core/workspace.hpp"
 #include "effattn/cpu/common.hpp"
 
-#if defined(__clang__)
-#define EFFATTN_UNROLL _Pragma("unroll")
-#elif defined(__GNUC__)
-#define EFFATTN_UNROLL _Pragma("GCC unroll 16")
-#else
-#define EFFATTN_UNROLL
-#endif
-
 namespace effattn {
 namespace cpu {
 
@@ -881,6 +873,7 @@ struct HeadAttentionGrad {
 };
 
 /// Keys per tile of the backward: Pᵀ and dSᵀ of a whole query tile stay in scratch for key_rows.
+/// 64, as the forward (128 ran the same in the bench, A/B interleaved, and needs twice the scratch).
 struct BackwardTiles {
   static constexpr int64_t kKey = 64;
 };
